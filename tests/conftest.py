@@ -1,0 +1,63 @@
+"""Shared test fixtures: a clean torch state per test, offline assets from ../shared with generated fallbacks."""
+import os
+import random
+import string
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.util import REPO, SHARED
+
+_TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
+if _TIKTOKEN_CACHE.is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_TIKTOKEN_CACHE))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _clean_torch_state():
+    """Each test starts from the default dtype and no process group, whatever the previous one did."""
+    default_dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(default_dtype)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _generated_text(n_chars: int = 200_000, seed: int = 0) -> str:
+    """Shakespeare-shaped filler for machines without ../shared: words, lines, speakers."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(1, 8))) for _ in range(500)]
+    lines = []
+    while sum(len(line) for line in lines) < n_chars:
+        speaker = rng.choice(["ROMEO", "JULIET", "KING", "CLOWN"])
+        body = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+        lines.append(f"{speaker}:\n{body.capitalize()}.\n\n")
+    return "".join(lines)[:n_chars]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    """Tiny Shakespeare from ../shared when present, generated text of the same shape otherwise."""
+    path = SHARED / "data" / "tinyshakespeare" / "input.txt"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    return _generated_text()
+
+
+@pytest.fixture(scope="session")
+def gpt2_encoding():
+    """The real GPT-2 BPE (tiktoken 'gpt2'); skipped where neither the cache nor the internet has it."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as exc:  # no cache and no network
+        pytest.skip(f"GPT-2 BPE unavailable offline: {exc}")
+
+
+@pytest.fixture
+def repo_root():
+    return REPO
