@@ -9,7 +9,13 @@ class UserError(Exception):
     The message is one line that names the culprit and says what to do.
     """
 
+    user_error = True
     exit_code = 2
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """UserError, or any exception class marked `user_error = True` (model.py's, which must not import forge)."""
+    return bool(getattr(exc, "user_error", False))
 
 
 def is_rank_zero() -> bool:
@@ -18,10 +24,12 @@ def is_rank_zero() -> bool:
 
 
 def run_main(main) -> None:
-    """Call main(); a UserError becomes `error: <message>` on stderr (rank 0 only) and exit code 2."""
+    """Call main(); a user error becomes `error: <message>` on stderr (rank 0 only) and exit code 2."""
     try:
         main()
-    except UserError as exc:
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
         if is_rank_zero():
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(exc.exit_code)
+        sys.exit(getattr(exc, "exit_code", 2))
