@@ -2,21 +2,207 @@
 
 `build_optimizer` is the one call train.py makes. Every param group may carry `lr_scale`; the loop sets
 `group['lr'] = lr * group.get('lr_scale', 1.0)` each step, so one learning-rate schedule drives all groups.
+
+Muon (Keller Jordan, https://kellerjordan.github.io/posts/muon/) runs SGD with Nesterov momentum on each
+2-D hidden weight matrix and replaces the update by the nearest semi-orthogonal matrix, computed by a
+quintic Newton-Schulz iteration. It suits only the hidden matrices (attention and MLP linears in the
+blocks); embeddings, the lm_head and every 1-D gain or bias keep AdamW, in the same optimizer object, so
+train.py and the checkpoint code see one optimizer whatever the choice.
 """
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim.adamw import adamw
+
 from forge.errors import UserError
 
 OPTIMIZERS = ("adamw", "muon")
+# Quintic Newton-Schulz coefficients from Keller Jordan's Muon, chosen to maximise the slope at zero:
+# five steps push every singular value into roughly [0.7, 1.2] rather than exactly to 1, which trains as well.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 class OptimizerError(UserError):
     """An optimizer setting the user can fix (unknown name, bad hyperparameter)."""
 
 
-def build_optimizer(model, name, weight_decay, learning_rate, betas, device_type, **muon_options):
-    """The optimizer for `model` (build it after parallelize(): FSDP2 swaps parameters for DTensors).
+def build_optimizer(
+    model,
+    name,
+    weight_decay,
+    learning_rate,
+    betas,
+    device_type,
+    *,
+    muon_lr=0.02,
+    muon_momentum=0.95,
+    muon_weight_decay=0.0,
+    muon_ns_steps=5,
+):
+    """The optimizer for `model` (the raw model; build it after parallelize(): FSDP2 swaps in DTensors).
 
-    name: 'adamw' delegates to model.configure_optimizers(weight_decay, learning_rate, betas, device_type).
+    'adamw': model.configure_optimizers(weight_decay, learning_rate, betas, device_type).
+    'muon':  Muon for the 2-D weights inside model.transformer.h (group lr = muon_lr at learning_rate,
+             following the schedule in proportion), AdamW(learning_rate, betas) for everything else:
+             weight_decay on the embeddings and head, none on 1-D gains and biases.
     """
     if name == "adamw":
         return model.configure_optimizers(weight_decay, learning_rate, betas, device_type)
-    raise OptimizerError(f"optimizer={name!r} is unknown: use one of {', '.join(OPTIMIZERS)}")
+    if name != "muon":
+        raise OptimizerError(f"optimizer={name!r} is unknown: use one of {', '.join(OPTIMIZERS)}")
+    if learning_rate <= 0 or muon_lr <= 0:
+        raise OptimizerError(
+            f"optimizer=muon needs learning_rate > 0 and muon_lr > 0 (got {learning_rate}, {muon_lr}): "
+            "the Muon group follows the schedule as lr * muon_lr / learning_rate"
+        )
+    if not 0 <= muon_momentum < 1:
+        raise OptimizerError(f"muon_momentum={muon_momentum} must be in [0, 1)")
+    if muon_ns_steps < 1:
+        raise OptimizerError(f"muon_ns_steps={muon_ns_steps} must be at least 1")
+    groups = muon_param_groups(model)
+    if not groups["muon"]:
+        raise OptimizerError(
+            f"optimizer=muon found no 2-D hidden weights in this {type(model).__name__} "
+            "(Muon needs model.transformer.h): use optimizer=adamw"
+        )
+    muon = dict(
+        use_muon=True, lr=muon_lr, lr_scale=muon_lr / learning_rate,
+        momentum=muon_momentum, weight_decay=muon_weight_decay, ns_steps=muon_ns_steps,
+    )
+    adam = dict(use_muon=False, lr=learning_rate, lr_scale=1.0, betas=tuple(betas), eps=1e-8)
+    param_groups = [
+        dict(muon, params=groups["muon"], ns_split=1),
+        dict(muon, params=groups["muon_qkv"], ns_split=3),
+        dict(adam, params=groups["adamw_decay"], weight_decay=weight_decay),
+        dict(adam, params=groups["adamw_no_decay"], weight_decay=0.0),
+    ]
+    return Muon([g for g in param_groups if g["params"]])
+
+
+def muon_param_groups(model) -> dict:
+    """Split the model's parameters by how Muon treats them (tied weights counted once).
+
+    muon:           2-D weights inside model.transformer.h (attention and MLP linears)
+    muon_qkv:       fused attention c_attn weights of shape (3C, C), orthogonalised as three C x C blocks
+                    (q, k and v separately, as modded-nanogpt does)
+    adamw_decay:    the other 2-D weights: token/position embeddings, an untied lm_head
+    adamw_no_decay: 1-D gains and biases everywhere
+    """
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    hidden = {id(p) for p in blocks.parameters() if p.dim() == 2} if blocks is not None else set()
+    groups = {"muon": [], "muon_qkv": [], "adamw_decay": [], "adamw_no_decay": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in hidden:
+            fused_qkv = name.endswith("attn.c_attn.weight") and p.shape[0] == 3 * p.shape[1]
+            groups["muon_qkv" if fused_qkv else "muon"].append(p)
+        else:
+            groups["adamw_decay" if p.dim() >= 2 else "adamw_no_decay"].append(p)
+    return groups
+
+
+def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, dtype=None) -> torch.Tensor:
+    """Approximately U V^T for G = U S V^T (batched over leading dims): every singular value -> ~1.
+
+    Runs in bfloat16 on CUDA (stable, and the fast path there) and float32 elsewhere (CPUs have no fast
+    bfloat16 matmul). The result has G's shape and the compute dtype.
+    """
+    a, b, c = NS_COEFFICIENTS
+    X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
+    wide = G.size(-2) <= G.size(-1)
+    if not wide:  # iterate on the wide orientation, so the Gram matrix X X^T is the small one
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X  # = a X + b (X X^T) X + c (X X^T)^2 X: odd quintic in the singular values
+    return X if wide else X.mT
+
+
+def orthogonalized_update(update: torch.Tensor, ns_steps: int, ns_split: int = 1) -> torch.Tensor:
+    """The Muon update for a (rows, cols) momentum: Newton-Schulz orthogonalised, scaled by
+    sqrt(max(1, rows / cols)) so tall matrices get the same per-element size as square ones (Keller
+    Jordan's scaling), in the update's dtype. ns_split=k orthogonalises k stacked row blocks separately.
+
+    A DTensor (FSDP2 shard) is gathered whole, orthogonalised, and this rank's shard of the result is
+    returned with the same placements (uneven shards included): orthogonalisation is not elementwise.
+    """
+    if isinstance(update, DTensor):
+        full = orthogonalized_update(update.full_tensor(), ns_steps, ns_split)
+        return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
+    rows, cols = update.shape
+    blocks = update.reshape(ns_split, rows // ns_split, cols)
+    ortho = zeropower_via_newtonschulz(blocks, ns_steps)
+    scale = max(1.0, blocks.size(-2) / blocks.size(-1)) ** 0.5
+    return (ortho * scale).reshape(rows, cols).to(update.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the groups with use_muon=True, AdamW (torch's own functional kernel) for the others.
+
+    Muon group keys: lr, momentum, weight_decay (decoupled: p *= 1 - lr * wd), ns_steps, ns_split.
+    AdamW group keys: lr, betas, eps, weight_decay. Any group may carry lr_scale (read by the loop).
+
+    Distributed: with DDP the gradients are already averaged, so every rank computes the same update.
+    With FSDP2 each matrix's update is all-gathered, orthogonalised on every rank, and each rank applies
+    its own shard. The Newton-Schulz work is therefore replicated, not split, across ranks.
+    """
+
+    def __init__(self, param_groups):
+        kind_defaults = {True: dict(momentum=0.95, ns_steps=5, ns_split=1), False: dict(betas=(0.9, 0.95), eps=1e-8)}
+        param_groups = [{**kind_defaults[bool(g.get("use_muon", True))], **g} for g in param_groups]
+        super().__init__(param_groups, dict(lr=0.02, weight_decay=0.0, use_muon=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _muon_step(self, group):
+        lr, beta = group["lr"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - beta)
+            nesterov = p.grad.lerp(buf, beta)  # g + beta * (buf - g): looks one momentum step ahead
+            update = orthogonalized_update(nesterov, group["ns_steps"], group["ns_split"])
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(update, alpha=-lr)
+
+    def _adamw_step(self, group):
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:  # the same state layout as torch.optim.AdamW
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        adamw(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
+
