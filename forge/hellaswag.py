@@ -26,9 +26,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from forge.distributed import all_reduce_mean
 from forge.errors import UserError
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -207,10 +207,8 @@ def hellaswag_accuracy(model, examples: list[dict], tokenizer, device, rank: int
                 counts[2] += 1
     finally:
         model.train(was_training)
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        counts = counts.to(device)
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        counts = counts.cpu()
+    if world_size > 1:
+        counts = (all_reduce_mean(counts.to(device, torch.float64)) * world_size).round().long().cpu()
     correct, correct_norm, total = counts.tolist()
     return correct / total, correct_norm / total
 
