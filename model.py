@@ -1,0 +1,775 @@
+"""
+The GPT language model, in one file, read top to bottom.
+
+GPT-2 by default: token + learned position embeddings, pre-LayerNorm transformer blocks
+(causal self-attention with a fused QKV projection, 4x GELU MLP), a final LayerNorm and an LM
+head tied to the token embedding. Parameter names follow Hugging Face's GPT-2 (wte, wpe, h.N,
+ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, ln_f, lm_head), so OpenAI's weights
+load with a transpose and nothing else.
+
+Also here: KV-cache sampling (stream / generate), GPT-2 import (from_pretrained) and export
+(save_pretrained) in Hugging Face format, MFU accounting with a table of GPU peaks, and a bigram
+baseline. Only torch is needed at import time (huggingface_hub and safetensors are imported
+where they are used), so this file can be copied alone.
+
+References:
+1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) Hugging Face's PyTorch GPT-2:
+   https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
+"""
+
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class ModelError(ValueError):
+    """A bad input the user can fix; the message is one line naming the culprit and what to do.
+
+    `user_error = True` makes forge.errors.run_main print it as one clean line (model.py does not
+    import forge, so that it can be copied alone).
+    """
+
+    user_error = True
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length: the most tokens the model sees at once
+    vocab_size: int = 50304  # GPT-2's 50257 tokens padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12  # number of transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # width of the residual stream
+    dropout: float = 0.0  # dropout probability (0 for pretraining, try 0.1+ for fine-tuning)
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2; False is a bit better and faster
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelError(f"{name}={value!r} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.n_embd % self.n_head != 0:
+            raise ModelError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                f"choose n_embd as a multiple of n_head (e.g. n_embd={self.n_head * 64})"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformer
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one preallocated buffer pair per layer.
+
+    It takes a prefill from position 0 and then one token at a time: with learned absolute
+    positions a cached key is only valid while the context window starts where it did, so when
+    the window slides (past block_size) the caller starts a new cache instead.
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len = max_len  # the most tokens this cache can hold (<= block_size)
+        self.pos = 0  # tokens cached so far = position of the next token
+        self.k = [None] * n_layer  # per layer (B, nh, max_len, hs), allocated on first use
+        self.v = [None] * n_layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new tokens' k, v (B, nh, T, hs); return all keys and values so far (B, nh, pos+T, hs)."""
+        B, nh, T, hs = k.shape
+        if T > 1 and self.pos > 0:
+            raise ValueError("KVCache takes a prefill from position 0, then one token at a time")
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KVCache of {self.max_len} tokens is full")
+        if self.k[layer] is None:  # allocate here to take the dtype autocast gave k and v
+            self.k[layer] = k.new_empty(B, nh, self.max_len, hs)
+            self.v[layer] = v.new_empty(B, nh, self.max_len, hs)
+        end = self.pos + T
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n_tokens: int):
+        """Called once per forward, after every layer has stored its keys and values."""
+        self.pos += n_tokens
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which KV-cache slot is ours
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # query, key and value projections for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # output projection back into the residual stream
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()  # batch, sequence length, n_embd
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, pos+T, hs)
+        # softmax(q k^T / sqrt(hs)) v, causal within the new tokens; flash/memory-efficient kernels
+        # where available. A single new token (T == 1) attends to the whole cache, so no mask then.
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # the tanh approximation is what GPT-2 was trained with (Hugging Face's "gelu_new")
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class LanguageModel(nn.Module):
+    """What GPT and the bigram baseline share: generate() on top of stream(), AdamW, MFU.
+
+    A subclass provides forward(idx, targets), stream(...), get_num_params() and flops_per_token().
+    """
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Continue idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
+
+        Same arguments as stream(); temperature=0 is greedy decoding.
+        """
+        new_tokens = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator))
+        return torch.cat([idx, *new_tokens], dim=1)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices (>= 2-D: matmul weights, embeddings) only.
+
+        Biases and norm gains are not decayed. The fused kernel (one launch for all parameters)
+        is used on CUDA and CPU, where torch has it.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), **({"fused": True} if fused else {}))
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops=None):
+        """Model FLOPs utilisation: achieved FLOP/s as a fraction of the device's peak.
+
+        tokens_per_iter: tokens processed (forward + backward) in dt seconds, over all the
+        devices this model replica accounts for. peak_flops: the peak FLOP/s to compare with;
+        by default the dense bf16 tensor peak of this model's GPU from PEAK_FLOPS. Returns None
+        when the peak is unknown (a CPU, an unlisted GPU) and not given, or the model does no matmuls.
+        """
+        if peak_flops is None:
+            peak_flops = device_peak_flops(next(self.parameters()).device, torch.bfloat16)
+        flops = self.flops_per_token()
+        if not peak_flops or not flops or dt <= 0:
+            return None
+        return flops * tokens_per_iter / dt / peak_flops
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from logits (B, V): greedy at temperature 0, else sample; returns (B, 1).
+
+    top_k keeps the k most likely tokens; top_p keeps the smallest set of most likely tokens whose
+    probability adds up to at least top_p (nucleus sampling). Both may be combined.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature  # float32: softmax of bf16 logits loses the tail
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the more likely tokens
+        sorted_drop = mass_before >= top_p  # never drops the most likely token (mass_before = 0)
+        drop = sorted_drop.scatter(1, sorted_idx, sorted_drop)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p):
+    """One clear error for each bad sampling argument, before any work is done."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0:
+        shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ModelError(f"prompt idx must be a (batch, tokens) tensor with at least one token, got {shape}")
+    if idx.is_floating_point() or idx.is_complex():
+        raise ModelError(f"prompt idx must hold integer token ids, got dtype {idx.dtype}")
+    if max_new_tokens < 0:
+        raise ModelError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise ModelError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if top_k is not None and top_k < 1:
+        raise ModelError(f"top_k={top_k} must be >= 1 (or None to keep every token)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ModelError(f"top_p={top_p} must be in (0, 1] (or None to keep every token)")
+
+
+class GPT(LanguageModel):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (https://paperswithcode.com/method/weight-tying): the same matrix maps
+        # tokens to vectors and vectors to logits, as in GPT-2; it also saves vocab x n_embd params
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections into the residual stream by 1/sqrt(2 * n_layer) (two per
+        # block), so the residual stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Number of parameters; non_embedding=True leaves out the position table.
+
+        The token embedding is counted because, tied to the LM head, its matrix does a matmul
+        for every token; a position lookup does none. This is the N of flops_per_token().
+        """
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx (B, T) token ids -> (logits, loss).
+
+        With targets (B, T): logits (B, T, V) and the mean cross-entropy, ignoring targets of -1.
+        Without: logits of the last position only (B, 1, V) and loss None, the cheap inference path.
+        kv_cache: a KVCache to read and extend (used by stream()); positions continue from it.
+        """
+        B, T = idx.size()
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.config.block_size:
+            raise ModelError(
+                f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}: "
+                f"crop it to the last {self.config.block_size} tokens"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # (B, 1, V); the list index keeps the time dim
+            loss = None
+        return logits, loss
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Yield max_new_tokens new tokens, each a (B, 1) tensor, as soon as it is sampled.
+
+        idx (B, T): the prompt. A prompt longer than block_size is cropped to its last block_size
+        tokens, as the context is whenever it grows past block_size (what nanoGPT's generate does).
+        KV cache: the prompt is prefilled once, then each step runs the model on one token. Once
+        the context is longer than block_size, the window slides by one token per step and every
+        cached key (computed at an older position) is stale, so each such step re-prefills the
+        cropped window: the output always equals running forward() on the cropped context.
+        Runs with dropout off (eval mode) and restores the module's mode afterwards.
+        temperature=0 is greedy; top_k / top_p / generator: see sample_next_token().
+        """
+        check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p)
+        block_size = self.config.block_size
+        was_training = self.training
+        self.eval()
+        try:
+            kv_cache = None
+            for _ in range(max_new_tokens):
+                if kv_cache is None or kv_cache.pos == block_size:  # first step, or the window slides
+                    context = idx[:, -block_size:]
+                    kv_cache = KVCache(self.config.n_layer, min(block_size, context.size(1) + max_new_tokens))
+                    logits, _ = self(context, kv_cache=kv_cache)
+                else:
+                    logits, _ = self(idx[:, -1:], kv_cache=kv_cache)
+                next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                idx = torch.cat((idx, next_token), dim=1)
+                yield next_token
+        finally:
+            self.train(was_training)
+
+    def crop_block_size(self, block_size):
+        """Shrink the context length, e.g. to fine-tune GPT-2 (1024) with a smaller block_size."""
+        if not 1 <= block_size <= self.config.block_size:
+            raise ModelError(
+                f"cannot crop block_size to {block_size}: it must be between 1 and the model's "
+                f"block_size={self.config.block_size} (a model cannot be grown this way)"
+            )
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def flops_per_token(self):
+        """FLOPs of one training token (forward + backward), as in the PaLM paper, appendix B.
+
+        6N for the matmuls with the N parameters of get_num_params() (2 per multiply-add forward,
+        4 backward; the tied LM head counts once, as the matmul it is) plus 12 * L * H * Q * T for
+        attention's scores and weighted sums over a full context of T tokens.
+        """
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return 6 * self.get_num_params() + 12 * L * H * Q * T
+
+    # -----------------------------------------------------------------------------------------
+    # GPT-2 import and export, Hugging Face format
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, override_args=None):
+        """Load GPT-2 weights: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from the Hugging
+        Face Hub (needs `pip install -e '.[hf]'`), or a local directory in Hugging Face GPT-2
+        format (config.json + model.safetensors or pytorch_model.bin, possibly sharded).
+
+        override_args may set 'dropout' (e.g. for fine-tuning) and 'block_size' (<= the
+        checkpoint's, cropped with crop_block_size). transformers is not needed.
+        """
+        override_args = dict(override_args or {})
+        unknown = sorted(set(override_args) - {"dropout", "block_size"})
+        if unknown:
+            raise ModelError(
+                f"cannot override {', '.join(unknown)} of pretrained GPT-2 weights: only dropout and block_size"
+            )
+        path = Path(name_or_dir)
+        if path.is_dir():
+            checkpoint_dir = path
+        elif str(name_or_dir) in PRETRAINED:
+            checkpoint_dir = _download_gpt2(str(name_or_dir))
+        else:
+            raise ModelError(
+                f"unknown pretrained model {str(name_or_dir)!r}: use one of {', '.join(PRETRAINED)} "
+                "or a local directory in Hugging Face GPT-2 format"
+            )
+        hf_config = _read_gpt2_config(checkpoint_dir)
+        config = GPTConfig(
+            block_size=hf_config.get("n_positions", hf_config.get("n_ctx")),
+            vocab_size=hf_config["vocab_size"],
+            n_layer=hf_config["n_layer"],
+            n_head=hf_config["n_head"],
+            n_embd=hf_config["n_embd"],
+            dropout=override_args.get("dropout", 0.0),
+            bias=True,
+        )
+        model = cls(config)
+        model._load_hf_state_dict(_read_state_dict(checkpoint_dir), checkpoint_dir)
+        if "block_size" in override_args:
+            model.crop_block_size(override_args["block_size"])
+        return model
+
+    def _load_hf_state_dict(self, hf_sd, checkpoint_dir):
+        """Copy a Hugging Face GPT-2 state dict into this model, checking every name and shape."""
+        # keys are "transformer.h.0..." when saved from GPT2LMHeadModel, "h.0..." from GPT2Model
+        hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
+        # attention-mask buffers of older checkpoints, and the LM head, which is tied to wte
+        hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        hf_sd.pop("lm_head.weight", None)
+        sd = self.state_dict()
+        expected = {k.removeprefix("transformer."): k for k in sd if k != "lm_head.weight"}
+        missing = sorted(set(expected) - set(hf_sd))
+        extra = sorted(set(hf_sd) - set(expected))
+        if missing or extra:
+            raise ModelError(
+                f"{checkpoint_dir} is not a GPT-2 checkpoint: "
+                + (f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}" if extra else "")
+            )
+        with torch.no_grad():
+            for hf_name, tensor in hf_sd.items():
+                name = expected[hf_name]
+                # HF GPT-2 stores these as Conv1D, (in, out): our nn.Linear is (out, in)
+                if hf_name.endswith(HF_CONV1D_WEIGHTS):
+                    tensor = tensor.t()
+                if tensor.shape != sd[name].shape:
+                    raise ModelError(
+                        f"{checkpoint_dir}: {hf_name} has shape {tuple(tensor.shape)}, config.json implies "
+                        f"{tuple(sd[name].shape)}; the checkpoint is inconsistent"
+                    )
+                sd[name].copy_(tensor)
+
+    def save_pretrained(self, save_dir, vocab_size=None):
+        """Export to Hugging Face GPT-2 format: config.json + model.safetensors in save_dir.
+
+        transformers.GPT2LMHeadModel.from_pretrained(save_dir) (and GPT.from_pretrained) load it.
+        vocab_size: the tokenizer's true vocabulary (e.g. 50257) to drop the rows this model was
+        padded with (50304); default: all of them. bias=False models export zero biases.
+        The write is atomic (a temporary directory, then a rename). save_dir must be new, empty,
+        or an earlier export (holding only config.json and model.safetensors, which are replaced);
+        anything else is refused so that nothing of the user's is overwritten.
+        """
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise ModelError("exporting GPT-2 weights needs safetensors: pip install -e '.[hf]'") from None
+        cfg = self.config
+        vocab_size = cfg.vocab_size if vocab_size is None else vocab_size
+        if not 1 <= vocab_size <= cfg.vocab_size:
+            raise ModelError(f"vocab_size={vocab_size} must be between 1 and the model's {cfg.vocab_size}")
+        save_dir = Path(save_dir)
+        if save_dir.exists() and not _is_replaceable_export(save_dir):
+            raise ModelError(
+                f"refusing to write into {save_dir}: it exists and is not an earlier GPT-2 export "
+                "(config.json + model.safetensors only); choose a new or empty directory"
+            )
+        tensors = {}
+        for name, tensor in self.state_dict().items():
+            if name == "lm_head.weight":  # tied to wte; HF re-ties it on load
+                continue
+            if name.endswith(HF_CONV1D_WEIGHTS):
+                tensor = tensor.t()
+            if name == "transformer.wte.weight":
+                tensor = tensor[:vocab_size]
+            tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+        if not cfg.bias:  # HF GPT-2 always has biases: zeros make it compute what we compute
+            for name, tensor in list(tensors.items()):
+                if name.endswith(".weight") and not name.endswith(("wte.weight", "wpe.weight")):
+                    out_dim = tensor.shape[-1] if name.endswith(HF_CONV1D_WEIGHTS) else tensor.shape[0]
+                    tensors[name.removesuffix(".weight") + ".bias"] = torch.zeros(out_dim)
+        hf_config = {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": vocab_size,
+            "n_positions": cfg.block_size,
+            "n_ctx": cfg.block_size,
+            "n_embd": cfg.n_embd,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": True,
+            # GPT-2's <|endoftext|>, when the vocabulary is GPT-2's; none for e.g. characters
+            "bos_token_id": GPT2_EOT if vocab_size > GPT2_EOT else None,
+            "eos_token_id": GPT2_EOT if vocab_size > GPT2_EOT else None,
+            "torch_dtype": "float32",
+        }
+        save_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
+        try:
+            save_file(tensors, str(tmp_dir / "model.safetensors"), metadata={"format": "pt"})
+            (tmp_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+            if save_dir.exists():  # an earlier export or an empty directory: swap it out
+                old_dir = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.old-", dir=save_dir.parent))
+                os.rename(save_dir, old_dir / "export")
+                os.rename(tmp_dir, save_dir)
+                shutil.rmtree(old_dir)
+            else:
+                os.rename(tmp_dir, save_dir)
+        finally:
+            if tmp_dir.exists():
+                shutil.rmtree(tmp_dir)
+
+
+# The Hugging Face Hub repositories of OpenAI's GPT-2 checkpoints, and their sizes.
+PRETRAINED = {
+    "gpt2": "openai-community/gpt2",  # 124M params: 12 layers, 12 heads, 768 wide
+    "gpt2-medium": "openai-community/gpt2-medium",  # 350M: 24 layers, 16 heads, 1024 wide
+    "gpt2-large": "openai-community/gpt2-large",  # 774M: 36 layers, 20 heads, 1280 wide
+    "gpt2-xl": "openai-community/gpt2-xl",  # 1558M: 48 layers, 25 heads, 1600 wide
+}
+HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_EOT = 50256  # id of <|endoftext|> in GPT-2's BPE
+
+
+def _download_gpt2(name):
+    """Fetch config.json and model.safetensors of an OpenAI GPT-2 (cached by huggingface_hub)."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ModelError(f"loading {name!r} needs huggingface_hub and safetensors: pip install -e '.[hf]'") from None
+    try:
+        paths = [hf_hub_download(PRETRAINED[name], filename) for filename in ("config.json", "model.safetensors")]
+    except Exception as exc:  # no network, hub down, ...: one line, not a stack of HTTP errors
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(
+            f"could not download {name!r} from the Hugging Face Hub ({first_line}); "
+            "check the connection or pass a local directory"
+        ) from None
+    return Path(paths[0]).parent
+
+
+def _read_gpt2_config(checkpoint_dir):
+    """config.json of a Hugging Face GPT-2 checkpoint, checked to be one this GPT computes exactly."""
+    config_path = Path(checkpoint_dir) / "config.json"
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{checkpoint_dir} is not a GPT-2 checkpoint: it has no config.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{config_path} is not readable JSON ({exc})") from None
+    if not isinstance(hf_config, dict) or hf_config.get("model_type") != "gpt2":
+        kind = hf_config.get("model_type") if isinstance(hf_config, dict) else None
+        raise ModelError(f"{checkpoint_dir} is not a GPT-2 checkpoint: config.json has model_type {kind!r}, not 'gpt2'")
+    unsupported = {
+        "activation_function": (hf_config.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")),
+        "layer_norm_epsilon": (hf_config.get("layer_norm_epsilon", 1e-5), (1e-5,)),
+        "n_inner": (hf_config.get("n_inner"), (None, 4 * hf_config.get("n_embd", 0))),
+        "scale_attn_weights": (hf_config.get("scale_attn_weights", True), (True,)),
+        "scale_attn_by_inverse_layer_idx": (hf_config.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+        "tie_word_embeddings": (hf_config.get("tie_word_embeddings", True), (True,)),
+    }
+    for key, (value, allowed) in unsupported.items():
+        if value not in allowed:
+            raise ModelError(f"{config_path}: {key}={value!r} is not supported (GPT-2 uses {allowed[0]!r})")
+    for key in ("vocab_size", "n_layer", "n_head", "n_embd"):
+        if key not in hf_config:
+            raise ModelError(f"{config_path} is not a GPT-2 config: it has no {key}")
+    if "n_positions" not in hf_config and "n_ctx" not in hf_config:
+        raise ModelError(f"{config_path} is not a GPT-2 config: it has no n_positions")
+    return hf_config
+
+
+def _read_state_dict(checkpoint_dir):
+    """Tensors of model.safetensors or pytorch_model.bin in checkpoint_dir (or their sharded forms)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    for weights_name in ("model.safetensors", "pytorch_model.bin"):
+        index_path = checkpoint_dir / f"{weights_name}.index.json"
+        if (checkpoint_dir / weights_name).is_file():
+            files = [checkpoint_dir / weights_name]
+        elif index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ModelError(f"{index_path} is not a valid shard index ({exc})") from None
+            files = [checkpoint_dir / shard for shard in sorted(set(weight_map.values()))]
+        else:
+            continue
+        state_dict = {}
+        for file in files:
+            state_dict.update(_read_weights_file(file))
+        return state_dict
+    raise ModelError(
+        f"{checkpoint_dir} is not a GPT-2 checkpoint: it has neither model.safetensors nor pytorch_model.bin"
+    )
+
+
+def _read_weights_file(path):
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: the checkpoint is incomplete")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ModelError(f"reading {path} needs safetensors: pip install -e '.[hf]'") from None
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+            raise ModelError(f"{path} is not a readable safetensors file ({exc}); download it again") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle with code in it (refused by weights_only), ...
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"{path} is not a readable PyTorch weights file ({first_line})") from None
+
+
+def _is_replaceable_export(path):
+    """An empty directory, or one holding only what save_pretrained writes."""
+    return path.is_dir() and {p.name for p in path.iterdir()} <= {"config.json", "model.safetensors"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The bigram baseline
+
+
+@dataclass
+class BigramConfig:
+    vocab_size: int  # tokens in the vocabulary; the table is vocab_size x vocab_size
+    block_size: int = 1024  # length of the training sequences (the model itself looks at one token)
+
+
+class BigramLanguageModel(LanguageModel):
+    """The simplest language model: the next token's logits are a row of a table, picked by the
+    current token. A teaching baseline: any real model must beat its loss."""
+
+    def __init__(self, vocab_size, block_size=1024):
+        super().__init__()
+        self.config = BigramConfig(vocab_size=vocab_size, block_size=block_size)
+        self.logits_table = nn.Embedding(vocab_size, vocab_size)  # row t: logits of the token after t
+        nn.init.normal_(self.logits_table.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        """Same contract as GPT.forward: (B, T, V) logits and the loss with targets, else (B, 1, V)."""
+        if targets is not None:
+            logits = self.logits_table(idx)  # (B, T, V)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        return self.logits_table(idx[:, [-1]]), None  # (B, 1, V)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Yield max_new_tokens new (B, 1) tokens; each depends on the previous token only."""
+        check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p)
+        token = idx[:, -1:]
+        for _ in range(max_new_tokens):
+            token = sample_next_token(self.logits_table(token)[:, -1, :], temperature, top_k, top_p, generator)
+            yield token
+
+    def get_num_params(self, non_embedding=True):
+        """The table's size: it is the model's only parameter (and its output layer)."""
+        return self.logits_table.weight.numel()
+
+    def flops_per_token(self):
+        """0: a table lookup does no matmul, so MFU does not apply (estimate_mfu returns None)."""
+        return 0
+
+
+def build_model(model_type, model_args):
+    """The model a training run or checkpoint names: 'gpt' or 'bigram'.
+
+    model_args is a dict of GPTConfig fields; the bigram uses only vocab_size and block_size.
+    """
+    model_args = dict(model_args)
+    if model_type == "gpt":
+        known = {f.name for f in fields(GPTConfig)}
+        unknown = sorted(set(model_args) - known)
+        if unknown:
+            raise ModelError(
+                f"unknown GPT model argument(s) {', '.join(unknown)}: the GPTConfig fields are {', '.join(sorted(known))}"
+            )
+        return GPT(GPTConfig(**model_args))
+    if model_type == "bigram":
+        if "vocab_size" not in model_args:
+            raise ModelError("the bigram model needs vocab_size in its model arguments")
+        return BigramLanguageModel(model_args["vocab_size"], model_args.get("block_size", 1024))
+    raise ModelError(f"unknown model_type {model_type!r}: use 'gpt' or 'bigram'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak FLOP/s for MFU: dense (no sparsity) 16-bit tensor-core peaks, bf16 where the GPU has it,
+# else fp16, with fp32 accumulation. Datasheets quote "with sparsity" figures at twice these.
+PEAK_FLOPS = {
+    "A100": 312e12,  # NVIDIA A100 datasheet (SXM and PCIe): BF16 Tensor Core 312 TFLOPS (624 sparse)
+    "H100 SXM": 989e12,  # NVIDIA H100 datasheet: H100 SXM BF16 Tensor Core 1,979 TFLOPS with sparsity
+    "H100 PCIe": 756e12,  # NVIDIA H100 datasheet: H100 PCIe BF16 Tensor Core 1,513 TFLOPS with sparsity
+    "H100 NVL": 835e12,  # NVIDIA H100 datasheet: H100 NVL BF16 Tensor Core 1,671 TFLOPS with sparsity
+    "H200": 989e12,  # NVIDIA H200 datasheet: H200 SXM BF16 Tensor Core 1,979 TFLOPS with sparsity
+    "H200 NVL": 835e12,  # NVIDIA H200 datasheet: H200 NVL BF16 Tensor Core 1,671 TFLOPS with sparsity
+    "GH200": 989e12,  # NVIDIA GH200 datasheet: BF16 1,979 TFLOPS with sparsity (H100/H200-class GPU)
+    "L4": 121e12,  # NVIDIA L4 datasheet: BF16 Tensor Core 242 TFLOPS with sparsity
+    "L40S": 362e12,  # NVIDIA L40S datasheet: BF16 Tensor Core 733 TFLOPS with sparsity
+    "L40": 181e12,  # NVIDIA L40 datasheet: BF16 Tensor Core 362 TFLOPS with sparsity
+    "A10G": 70e12,  # AWS EC2 G5 (A10G): 70 TFLOPS FP16 tensor per GPU (from AWS's G5 announcement)
+    "A10": 125e12,  # NVIDIA A10 datasheet: BF16 Tensor Core 125 TFLOPS (250 sparse)
+    "RTX 4090": 165e12,  # NVIDIA Ada Lovelace whitepaper: RTX 4090 FP16/BF16 tensor, FP32 accumulate, 165.2
+    "RTX 3090": 71e12,  # NVIDIA Ampere GA102 whitepaper: RTX 3090 FP16/BF16 tensor, FP32 accumulate, 71
+    "V100": 125e12,  # NVIDIA V100 datasheet: V100 SXM2 Tensor Performance 125 TFLOPS (fp16)
+    "T4": 65e12,  # NVIDIA T4 datasheet: Mixed Precision (FP16/FP32) 65 TFLOPS
+    "MI300X": 1307e12,  # AMD Instinct MI300X datasheet: Peak BF16 1307.4 TFLOPS (dense)
+}
+
+# torch.cuda.get_device_name() spellings, matched on the lowercased name with punctuation turned
+# into spaces ("NVIDIA H100 80GB HBM3" -> "nvidia h100 80gb hbm3"); the most specific come first.
+_GPU_NAME_PATTERNS = [
+    (r"\bgh200\b", "GH200"),
+    (r"\bh200\b.*\bnvl\b", "H200 NVL"),
+    (r"\bh200\b", "H200"),
+    (r"\bh100\b.*\bnvl\b", "H100 NVL"),
+    (r"\bh100\b.*\bpcie\b", "H100 PCIe"),
+    (r"\bh100\b", "H100 SXM"),  # "H100 80GB HBM3", "H100 SXM5 80GB"
+    (r"\ba100\b", "A100"),
+    (r"\bl40s\b", "L40S"),
+    (r"\bl40\b", "L40"),
+    (r"\bl4\b", "L4"),
+    (r"\ba10g\b", "A10G"),
+    (r"\ba10\b", "A10"),
+    (r"\brtx 4090\b", "RTX 4090"),
+    (r"\brtx 3090\b", "RTX 3090"),
+    (r"\bv100\b", "V100"),
+    (r"\bt4\b", "T4"),
+    (r"\bmi300x\b", "MI300X"),
+]
+
+
+def peak_flops_for_gpu_name(name):
+    """The PEAK_FLOPS entry for a torch.cuda.get_device_name() string, or None if unlisted."""
+    normalized = " ".join(re.findall(r"[a-z0-9]+", name.lower()))
+    for pattern, key in _GPU_NAME_PATTERNS:
+        if re.search(pattern, normalized):
+            return PEAK_FLOPS[key]
+    return None
+
+
+def device_peak_flops(device, dtype=torch.bfloat16):
+    """Peak dense FLOP/s of a device for 16-bit (bf16/fp16) matmuls; None when unknown.
+
+    None for a CPU (its peak depends on cores, clocks and vector units: pass peak_flops to
+    estimate_mfu instead), for an unlisted GPU, and for other dtypes (the table holds 16-bit
+    tensor-core peaks only).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not torch.cuda.is_available():
+        return None
+    return peak_flops_for_gpu_name(torch.cuda.get_device_name(device))
