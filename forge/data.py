@@ -1,0 +1,307 @@
+"""Token bins on disk and the batches the model trains on.
+
+A prepared data folder holds `train.bin` and `val.bin` (raw little-endian token ids, dtype from
+meta.json: uint16, or uint32 for vocabularies above 65,536 ids) and `meta.json`
+({vocab_size, tokenizer, dtype} plus `itos` for character vocabularies). Folders made by nanoGPT
+(uint16 bins, a `meta.pkl` or no metadata at all for GPT-2 BPE) load unchanged.
+
+The training batches are deterministic and world-size invariant: the window offset of global
+sample i of optimizer step s is a pure function of (seed, split, s, i), so 1 process with gradient
+accumulation 8 sees exactly the batches of 8 processes with accumulation 1, and a resumed run
+continues the identical stream from `state_dict()`.
+"""
+import json
+import pickle
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from forge.errors import UserError
+
+GPT2_VOCAB_SIZE = 50257
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+# nanoGPT's OpenWebText folder has no metadata: GPT-2 BPE in uint16 is what it means.
+DEFAULT_META = {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "dtype": "uint16"}
+
+
+class DataError(UserError):
+    """Missing, incomplete or unusable prepared data, or input that cannot be prepared."""
+
+
+def prepare_hint(data_dir) -> str:
+    """How the user makes the bins of data_dir: its own prepare script, or the own-corpus one."""
+    data_dir = Path(data_dir)
+    if (data_dir / "prepare.py").is_file():
+        return f"create them with `python {data_dir / 'prepare.py'}`"
+    return (f"create them with `python data/{data_dir.name}/prepare.py` if that dataset exists, or "
+            f"`python data/text/prepare.py --out_dir {data_dir} YOUR_FILES` for your own text")
+
+
+# ----------------------------------------------------------------------------- metadata
+
+class _NoCodeUnpickler(pickle.Unpickler):
+    """Reads only pickles of plain containers and scalars: any class or function reference is refused,
+    so a meta.pkl cannot run code when it is opened."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_legacy_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            meta = _NoCodeUnpickler(f).load()
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path} is not a plain nanoGPT meta.pkl ({exc}); it was not loaded because a pickle "
+                        "can run code: delete it and re-run the dataset's prepare.py to write meta.json") from None
+    except Exception as exc:  # truncated or not a pickle at all
+        raise DataError(f"{path} is unreadable ({type(exc).__name__}: {exc}); re-run the dataset's prepare.py") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds a {type(meta).__name__}, not a dict; re-run the dataset's prepare.py")
+    itos = meta.get("itos")
+    if isinstance(itos, dict):  # nanoGPT stores {id: char}
+        try:
+            itos = [itos[i] for i in range(len(itos))]
+        except KeyError:
+            raise DataError(f"{path}: 'itos' ids are not 0..{len(itos) - 1}; re-run the dataset's prepare.py") from None
+    legacy = {"vocab_size": meta.get("vocab_size"), "dtype": "uint16",
+              "tokenizer": "char" if itos is not None else "gpt2"}
+    if itos is not None:
+        legacy["itos"] = itos
+    return legacy
+
+
+def _validated(meta: dict, path: Path) -> dict:
+    """meta with defaults filled in (dtype uint16), or a DataError naming the bad field."""
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} must hold a JSON object; re-run the dataset's prepare.py")
+    meta = {"dtype": "uint16", **meta}
+    if meta.get("dtype") not in DTYPES:
+        raise DataError(f"{path}: dtype {meta.get('dtype')!r} is not one of {sorted(DTYPES)}")
+    if meta.get("tokenizer") not in ("char", "gpt2"):
+        raise DataError(f"{path}: tokenizer {meta.get('tokenizer')!r} is not 'char' or 'gpt2'")
+    vocab_size = meta.get("vocab_size")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise DataError(f"{path}: vocab_size {vocab_size!r} is not a positive integer")
+    if vocab_size > np.iinfo(DTYPES[meta["dtype"]]).max + 1:
+        raise DataError(f"{path}: vocab_size {vocab_size} does not fit dtype {meta['dtype']}")
+    if meta["tokenizer"] == "char":
+        itos = meta.get("itos")
+        if (not isinstance(itos, list) or len(itos) != vocab_size
+                or not all(isinstance(c, str) and len(c) == 1 for c in itos)):
+            raise DataError(f"{path}: a char vocabulary needs 'itos', a list of {vocab_size} single characters")
+    return meta
+
+
+def load_meta(data_dir) -> dict:
+    """The folder's metadata: meta.json, else a legacy nanoGPT meta.pkl (plain data only), else GPT-2 BPE
+    in uint16. Always has vocab_size, tokenizer ('char' or 'gpt2') and dtype; char vocabularies have itos."""
+    data_dir = Path(data_dir)
+    json_path, pkl_path = data_dir / "meta.json", data_dir / "meta.pkl"
+    if json_path.is_file():
+        try:
+            meta = json.loads(json_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(f"{json_path} is not valid JSON ({exc}); re-run the dataset's prepare.py") from None
+        return _validated(meta, json_path)
+    if pkl_path.is_file():
+        return _validated(_read_legacy_pickle(pkl_path), pkl_path)
+    return dict(DEFAULT_META)
+
+
+# ----------------------------------------------------------------------------- bins
+
+def open_split(data_dir, split: str, meta: dict | None = None) -> np.memmap:
+    """Memory-map `<data_dir>/<split>.bin` read-only, with the dtype from its metadata.
+
+    Missing folder or file, a half-written preparation and a size that is not a whole number of
+    tokens are DataErrors saying what to run.
+    """
+    data_dir = Path(data_dir)
+    path = data_dir / f"{split}.bin"
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist: {prepare_hint(data_dir)}")
+    if not (data_dir / "meta.json").exists() and any(data_dir.glob("*.tmp")):
+        raise DataError(f"{data_dir} holds an interrupted preparation (*.tmp files, no meta.json): "
+                        f"run its prepare script again to finish it")
+    if not path.is_file():
+        raise DataError(f"{path} not found: {prepare_hint(data_dir)}")
+    meta = load_meta(data_dir) if meta is None else meta
+    dtype = DTYPES[meta["dtype"]]
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise DataError(f"{path} is {size} bytes, not a whole number of {meta['dtype']} tokens: it is truncated "
+                        f"or meta.json has the wrong dtype; re-run the prepare script")
+    if size == 0:
+        raise DataError(f"{path} is empty; re-run the prepare script on a non-empty corpus")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _check_length(tokens: np.ndarray, path, block_size: int) -> None:
+    if len(tokens) < block_size + 1:
+        raise DataError(f"{path} has {len(tokens):,} tokens but block_size={block_size} needs at least "
+                        f"{block_size + 1:,}: lower block_size or prepare more text")
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        # pinned host memory lets the copy overlap with compute (non_blocking)
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def _stable_split_id(split: str) -> int:
+    return zlib.crc32(split.encode("utf-8"))
+
+
+class TokenBatches:
+    """Random windows of block_size + 1 tokens from one split, deterministic and world-size invariant.
+
+    grad_accum_steps is the *global* number of micro-steps per optimizer step; rank r does global
+    micro-steps r*(G/W) .. (r+1)*(G/W)-1, so the union over ranks is the same for every world size.
+    """
+
+    def __init__(self, data_dir, split, batch_size, block_size, *, grad_accum_steps=1, rank=0,
+                 world_size=1, seed=1337, device="cpu"):
+        if batch_size < 1 or block_size < 1 or grad_accum_steps < 1:
+            raise DataError(f"batch_size ({batch_size}), block_size ({block_size}) and gradient_accumulation_steps "
+                            f"({grad_accum_steps}) must all be at least 1")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world_size {world_size}")
+        if grad_accum_steps % world_size:
+            raise DataError(f"gradient_accumulation_steps={grad_accum_steps} is not divisible by the world size "
+                            f"{world_size}: set it to a multiple of {world_size} (it counts micro-steps of all ranks)")
+        self.data_dir, self.split = Path(data_dir), split
+        self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
+        self.grad_accum_steps, self.rank, self.world_size = grad_accum_steps, rank, world_size
+        self.device = torch.device(device)
+        self.meta = load_meta(self.data_dir)
+        self.vocab_size = self.meta["vocab_size"]
+        self.tokens = open_split(self.data_dir, split, self.meta)  # opened once, shared by every batch
+        self.num_tokens = len(self.tokens)
+        _check_length(self.tokens, self.data_dir / f"{split}.bin", block_size)
+        self.micro_steps_per_rank = grad_accum_steps // world_size
+        self._split_id = _stable_split_id(split)
+        self._step, self._micro = 0, 0  # position of the next next(): optimizer step, this rank's micro-step
+        self._prefetch_pool = None
+        self._prefetched = None  # (position, future of the CPU batch)
+
+    # --- the pure part
+    def window_offsets(self, step: int, micro_step: int) -> np.ndarray:
+        """Start offsets of the batch_size windows of global micro-step `micro_step` of optimizer step `step`.
+
+        Sample i of a step is the i-th draw of a Philox stream keyed by (seed, split, step), so its
+        offset depends on nothing else (not on world size, accumulation or what was drawn before).
+        """
+        if step < 0 or micro_step < 0:
+            raise ValueError(f"step ({step}) and micro_step ({micro_step}) must be non-negative")
+        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, self._split_id, step])))
+        first = micro_step * self.batch_size
+        draws = rng.integers(0, self.num_tokens - self.block_size, size=first + self.batch_size, dtype=np.int64)
+        return draws[first:]
+
+    def _cpu_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = np.stack([self.tokens[i:i + self.block_size + 1] for i in self.window_offsets(step, micro_step)])
+        windows = torch.from_numpy(windows.astype(np.int64))
+        return windows[:, :-1], windows[:, 1:]
+
+    def get_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), int64 (batch_size, block_size) on the device: global micro-step `micro_step` of `step`."""
+        x, y = self._cpu_batch(step, micro_step)
+        return _to_device(x, self.device), _to_device(y, self.device)
+
+    # --- this rank's stream
+    def _global_micro(self, local_micro: int) -> int:
+        return self.rank * self.micro_steps_per_rank + local_micro
+
+    def _following(self, step: int, micro: int) -> tuple[int, int]:
+        micro += 1
+        return (step + 1, 0) if micro == self.micro_steps_per_rank else (step, micro)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next micro-batch; the one after it is read in a background thread meanwhile."""
+        position = (self._step, self._micro)
+        if self._prefetched is not None and self._prefetched[0] == position:
+            x, y = self._prefetched[1].result()
+        else:
+            x, y = self._cpu_batch(position[0], self._global_micro(position[1]))
+        self._step, self._micro = following = self._following(*position)
+        if self._prefetch_pool is None:
+            self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prefetch-{self.split}")
+        self._prefetched = (following, self._prefetch_pool.submit(
+            self._cpu_batch, following[0], self._global_micro(following[1])))
+        return _to_device(x, self.device), _to_device(y, self.device)
+
+    __next__ = next
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        """The position of the next next(): the same on every rank, so rank 0's copy resumes them all."""
+        return {"step": self._step, "micro_step": self._micro, "split": self.split, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        step, micro = int(state["step"]), int(state.get("micro_step", 0))
+        if step < 0 or not 0 <= micro < self.micro_steps_per_rank:
+            raise DataError(f"loader state step={step}, micro_step={micro} does not fit "
+                            f"{self.micro_steps_per_rank} micro-steps per rank; resume at an optimizer step boundary")
+        self._step, self._micro = step, micro
+        self._prefetched = None
+
+    def close(self) -> None:
+        if self._prefetch_pool is not None:
+            self._prefetch_pool.shutdown(wait=True)
+            self._prefetch_pool, self._prefetched = None, None
+
+
+# ----------------------------------------------------------------------------- whole-split evaluation
+
+class SequentialWindows:
+    """Every token of a split predicted exactly once: consecutive windows of block_size targets.
+
+    Window k has x = tokens[k*T : k*T+T] and y = tokens[k*T+1 : k*T+T+1]; the last window is padded
+    (x with 0, y with -1, the model's ignore_index). Windows are grouped in batches of batch_size and
+    batch j goes to rank j % world_size. Every rank yields the same number of full-shape batches
+    (padding batches have y all -1), so collective forwards (FSDP) stay in step: sum the per-token
+    losses where y != -1 and all-reduce the sums and counts.
+    """
+
+    def __init__(self, data_dir, split, block_size, batch_size, *, rank=0, world_size=1, device="cpu"):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world_size {world_size}")
+        self.block_size, self.batch_size = block_size, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.tokens = open_split(data_dir, split)
+        if len(self.tokens) < 2:
+            raise DataError(f"{Path(data_dir) / f'{split}.bin'} has {len(self.tokens)} token: nothing to predict")
+        self.num_targets = len(self.tokens) - 1  # every token but the first
+        self.num_windows = -(-self.num_targets // block_size)
+        num_batches = -(-self.num_windows // batch_size)
+        self.batches_per_rank = -(-num_batches // world_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def _batch(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.block_size
+        x = torch.zeros(self.batch_size, T, dtype=torch.int64)
+        y = torch.full((self.batch_size, T), -1, dtype=torch.int64)
+        for row, k in enumerate(range(j * self.batch_size, min((j + 1) * self.batch_size, self.num_windows))):
+            n = min(T, self.num_targets - k * T)
+            x[row, :n] = torch.from_numpy(self.tokens[k * T:k * T + n].astype(np.int64))
+            y[row, :n] = torch.from_numpy(self.tokens[k * T + 1:k * T + n + 1].astype(np.int64))
+        return _to_device(x, self.device), _to_device(y, self.device)
+
+    def __iter__(self):
+        for i in range(self.batches_per_rank):
+            yield self._batch(i * self.world_size + self.rank)
+
+
+def sequential_windows(data_dir, split, block_size, batch_size, rank=0, world_size=1, device="cpu"):
+    """The whole split as deterministic sequential windows for this rank (see SequentialWindows)."""
+    return SequentialWindows(data_dir, split, block_size, batch_size, rank=rank, world_size=world_size, device=device)

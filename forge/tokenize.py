@@ -1,0 +1,345 @@
+"""Tokenizers (characters or GPT-2 BPE) and the streaming pipeline every data/*/prepare.py writes bins with.
+
+The pipeline turns an iterable of documents into a token bin in bounded memory, whatever the corpus
+size: documents are cut into chunks of about `chunk_chars` characters, tokenized in `num_proc`
+worker processes, and each chunk's ids are appended to `<name>.bin.tmp` in input order as they
+arrive (so the bytes are the same for any num_proc). A finished folder is committed atomically:
+bins are fsynced and renamed into place, and meta.json is written last, so a folder with a
+meta.json is complete and an interrupted run leaves only *.tmp files that the next run replaces.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import urllib.request
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from forge.data import DTYPES, GPT2_VOCAB_SIZE, DataError
+from forge.errors import UserError
+
+GPT2_EOT = 50256
+UINT16_VOCAB_LIMIT = 1 << 16  # ids 0..65535 fit uint16
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+class CharTokenizer:
+    """One id per character; ids are the positions in `itos` (nanoGPT: the sorted unique characters)."""
+
+    eot_token = None
+
+    def __init__(self, itos):
+        self.itos = list(itos)
+        self.vocab_size = len(self.itos)
+        codepoints = np.array([ord(c) for c in self.itos], dtype=np.int64)
+        # code point -> id lookup table (-1: not in the vocabulary); at most 1.1M entries
+        self._ids = np.full(int(codepoints.max()) + 1, -1, dtype=np.int64)
+        self._ids[codepoints] = np.arange(self.vocab_size)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4").astype(np.int64)
+        ids = np.full(len(codepoints), -1, dtype=np.int64)
+        known = codepoints < len(self._ids)
+        ids[known] = self._ids[codepoints[known]]
+        if (ids < 0).any():
+            unknown = sorted({chr(c) for c in codepoints[ids < 0]})
+            shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+            raise DataError(f"{len(unknown)} character(s) not in the {self.vocab_size}-character vocabulary: {shown}; "
+                            "remove them from the text (a character model knows only the characters it was trained on)")
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode_array(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return "".join(self.itos[i] for i in ids)
+
+
+class GPT2Tokenizer:
+    """tiktoken's 'gpt2' BPE; ordinary text only (special tokens in the text are plain characters)."""
+
+    vocab_size = GPT2_VOCAB_SIZE
+    eot_token = GPT2_EOT
+
+    def __init__(self):
+        import tiktoken
+
+        try:
+            self.encoding = tiktoken.get_encoding("gpt2")
+        except Exception as exc:
+            raise DataError(f"cannot load the GPT-2 BPE ({type(exc).__name__}: {exc}); tiktoken downloads it once: "
+                            "connect to the internet or set TIKTOKEN_CACHE_DIR to a folder holding its cache") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # one thread: the pipeline parallelises with processes, num_proc is the whole budget
+        return self.encoding.encode_ordinary_batch(texts, num_threads=1)
+
+    def decode(self, ids) -> str:
+        return self.encoding.decode(list(ids))
+
+
+def get_tokenizer(meta: dict):
+    """The tokenizer a data folder's metadata (forge.data.load_meta) describes."""
+    if meta.get("tokenizer") == "char":
+        return CharTokenizer(meta["itos"])
+    if meta.get("tokenizer", "gpt2") == "gpt2":
+        return GPT2Tokenizer()
+    raise DataError(f"unknown tokenizer {meta.get('tokenizer')!r} in the data metadata (expected 'char' or 'gpt2')")
+
+
+def dtype_for(vocab_size: int) -> str:
+    """uint16 for vocabularies of up to 65,536 ids (nanoGPT's format), uint32 above."""
+    return "uint16" if vocab_size <= UINT16_VOCAB_LIMIT else "uint32"
+
+
+def char_meta(itos) -> dict:
+    return {"vocab_size": len(itos), "tokenizer": "char", "dtype": dtype_for(len(itos)), "itos": list(itos)}
+
+
+def gpt2_meta() -> dict:
+    return {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "dtype": "uint16"}
+
+
+# ----------------------------------------------------------------------------- the streaming pipeline
+
+_WORD = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+
+def _is_word(c: str) -> bool:
+    return c in _WORD or c.isalnum()
+
+
+def _bpe_safe_cut(text: str, lo: int, hi: int) -> int:
+    """The last position p in (lo, hi) where GPT-2's pre-tokenizer always starts a new piece, so
+    encoding text[:p] and text[p:] separately gives the ids of encoding text whole; -1 if none.
+
+    Safe: before ' w' after a word character or punctuation (' ?\\p{L}+' only ever takes one leading
+    space), and before a word character that follows a single newline after a word character (the
+    lone newline is its own piece whether or not the text ends there).
+    """
+    p = hi
+    while True:
+        p = max(text.rfind(" ", lo + 1, p), text.rfind("\n", lo + 1, p))
+        if p <= lo + 1 or p + 1 >= len(text):
+            return -1
+        before, after = text[p - 1], text[p + 1]
+        if text[p] == " " and (_is_word(before) or before in ".,;:!?") and _is_word(after):
+            return p
+        if text[p] == "\n" and _is_word(before) and _is_word(after):
+            return p + 1
+
+
+def _pieces(documents, chunk_chars: int):
+    """(piece, ends_document) for every document, long documents cut at BPE-safe points near chunk_chars."""
+    for doc in documents:
+        if not isinstance(doc, str):
+            raise DataError(f"a document is a {type(doc).__name__}, not text")
+        start = 0
+        while len(doc) - start > chunk_chars:
+            cut = _bpe_safe_cut(doc, start + chunk_chars // 2, start + chunk_chars)
+            cut = start + chunk_chars if cut < 0 else cut  # no safe point: exact except at this one cut
+            yield doc[start:cut], False
+            start = cut
+        yield doc[start:], True
+
+
+def _chunks(documents, chunk_chars: int):
+    """Lists of (piece, ends_document) of about chunk_chars characters each: the unit of work of a worker."""
+    chunk, size = [], 0
+    for piece, ends_document in _pieces(documents, chunk_chars):
+        chunk.append((piece, ends_document))
+        size += len(piece)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+_worker = {}  # per process: the tokenizer, dtype and EOT policy, set once by _init_worker
+
+
+def _init_worker(meta: dict, append_eot: bool) -> None:
+    tokenizer = get_tokenizer(meta)
+    if append_eot and tokenizer.eot_token is None:
+        raise DataError("a character vocabulary has no end-of-text token to put between documents")
+    _worker.update(tokenizer=tokenizer, dtype=DTYPES[meta["dtype"]], meta_dtype=meta["dtype"], append_eot=append_eot)
+
+
+def _encode_chunk(chunk) -> tuple[np.ndarray, int]:
+    """One chunk -> (its ids in the output dtype, documents it completes). Ids that do not fit are an error."""
+    tokenizer, append_eot = _worker["tokenizer"], _worker["append_eot"]
+    parts = []
+    for ids, (_, ends_document) in zip(tokenizer.encode_batch([text for text, _ in chunk]), chunk):
+        parts.append(np.asarray(ids, dtype=np.int64))
+        if append_eot and ends_document:
+            parts.append(np.array([tokenizer.eot_token], dtype=np.int64))
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    limit = np.iinfo(_worker["dtype"]).max
+    if len(ids) and ids.max() > limit:
+        raise DataError(f"token id {int(ids.max())} does not fit {_worker['meta_dtype']} (max {limit}); "
+                        "use dtype uint32 for vocabularies above 65,536 ids")
+    return ids.astype(_worker["dtype"]), sum(ends for _, ends in chunk)
+
+
+def _ordered_map(chunks, num_proc: int, initargs: tuple):
+    """_encode_chunk over chunks in input order, at most 2 * num_proc chunks in flight (bounded memory)."""
+    if num_proc <= 1:
+        _init_worker(*initargs)
+        yield from map(_encode_chunk, chunks)
+        return
+    with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=initargs) as pool:
+        pending = deque()
+        for chunk in chunks:  # read in this process, so errors in the documents surface here
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def tokenize_to_bin(documents, path, meta: dict, *, num_proc: int = 1, append_eot: bool = False,
+                    chunk_chars: int = 1 << 20, total_documents: int | None = None, desc: str | None = None) -> int:
+    """Tokenize documents (an iterable of str) into the raw bin `path`, with the tokenizer and dtype of
+    `meta`; an EOT token after each document if append_eot. Returns the number of tokens written.
+
+    Writes `path` directly: call it on a PreparedFolder.temp() path so the bin appears only on commit.
+    """
+    initargs = (meta, append_eot)
+    num_tokens = 0
+    path = Path(path)
+    with open(path, "wb") as f, tqdm(total=total_documents, desc=desc or path.name, unit="doc", delay=1.0,
+                                     dynamic_ncols=True) as bar:
+        for ids, finished in _ordered_map(_chunks(documents, chunk_chars), num_proc, initargs):
+            f.write(ids.tobytes())
+            num_tokens += len(ids)
+            bar.update(finished)
+            bar.set_postfix(tokens=f"{num_tokens:,}", refresh=False)
+        f.flush()
+        os.fsync(f.fileno())
+    return num_tokens
+
+
+def split_tail(source, head, tail, dtype: str, tail_fraction: float) -> tuple[int, int]:
+    """Move the last tail_fraction of the tokens of `source` to a new file `tail`, and rename what is
+    left to `head` (streamed: bounded memory). Returns (head tokens, tail tokens)."""
+    itemsize = DTYPES[dtype].itemsize
+    total = os.path.getsize(source) // itemsize
+    num_head = int(total * (1 - tail_fraction))
+    with open(source, "r+b") as src, open(tail, "wb") as dst:
+        src.seek(num_head * itemsize)
+        while block := src.read(1 << 24):
+            dst.write(block)
+        dst.flush()
+        os.fsync(dst.fileno())
+        src.truncate(num_head * itemsize)
+        src.flush()
+        os.fsync(src.fileno())
+    os.replace(source, head)
+    return num_head, total - num_head
+
+
+# ----------------------------------------------------------------------------- committing a data folder
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PreparedFolder:
+    """A data folder being (re)written: outputs go to `<name>.tmp` files that commit() renames into place.
+
+    Used as a context manager: if the body raises (or is interrupted), the temporary files are
+    removed and whatever the folder held before is untouched.
+    """
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self._temps = {}  # final path -> temporary path
+
+    def __enter__(self):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def temp(self, name: str) -> Path:
+        final = self.out_dir / name
+        self._temps[final] = final.with_name(final.name + ".tmp")
+        return self._temps[final]
+
+    def commit(self, meta: dict) -> None:
+        """Bins into place, then meta.json (atomic), so that a folder with a meta.json is complete."""
+        meta_path = self.out_dir / "meta.json"
+        meta_path.unlink(missing_ok=True)  # until the new meta.json lands the folder reads as incomplete
+        for final, temp in self._temps.items():
+            os.replace(temp, final)
+        self._temps = {}
+        write_atomic(meta_path, json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
+
+    def __exit__(self, exc_type, exc, tb):
+        for temp in self._temps.values():
+            temp.unlink(missing_ok=True)
+        return False
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write bytes to path through a temporary file, fsync, rename: a reader sees all or nothing."""
+    path = Path(path)
+    temp = path.with_name(path.name + ".tmp")
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def download(url: str, path) -> None:
+    """Fetch url to path atomically (a failed or interrupted download leaves no partial file)."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError as exc:
+        raise DataError(f"could not download {url} ({exc}); download it by hand and pass --input PATH") from None
+    write_atomic(path, data)
+
+
+# ----------------------------------------------------------------------------- prepare scripts' command line
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors, so run_main prints them as one `error:` line."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def default_num_proc() -> int:
+    return os.cpu_count() or 1
+
+
+def read_text(path) -> str:
+    """A UTF-8 text file (universal newlines, as nanoGPT reads it), or a DataError naming it."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"input file {path} not found") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
