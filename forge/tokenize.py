@@ -14,6 +14,7 @@ import os
 import urllib.request
 from collections import deque
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -140,17 +141,25 @@ def _bpe_safe_cut(text: str, lo: int, hi: int) -> int:
 
 
 def _pieces(documents, chunk_chars: int):
-    """(piece, ends_document) for every document, long documents cut at BPE-safe points near chunk_chars."""
+    """(piece, ends_document) for every document, long documents cut at BPE-safe points near chunk_chars.
+
+    A document is a str, or an iterable of str parts (a big file read block by block) that are
+    joined: either way no more than about 2 * chunk_chars of it is held at once.
+    """
     for doc in documents:
-        if not isinstance(doc, str):
-            raise DataError(f"a document is a {type(doc).__name__}, not text")
-        start = 0
-        while len(doc) - start > chunk_chars:
-            cut = _bpe_safe_cut(doc, start + chunk_chars // 2, start + chunk_chars)
-            cut = start + chunk_chars if cut < 0 else cut  # no safe point: exact except at this one cut
-            yield doc[start:cut], False
-            start = cut
-        yield doc[start:], True
+        rest = ""
+        for part in (doc,) if isinstance(doc, str) else doc:
+            if not isinstance(part, str):
+                raise DataError(f"a document is a {type(part).__name__}, not text")
+            text = rest + part if rest else part
+            start = 0
+            while len(text) - start > chunk_chars:
+                cut = _bpe_safe_cut(text, start + chunk_chars // 2, start + chunk_chars)
+                cut = start + chunk_chars if cut < 0 else cut  # no safe point: exact except at this one cut
+                yield text[start:cut], False
+                start = cut
+            rest = text[start:]
+        yield rest, True
 
 
 def _chunks(documents, chunk_chars: int):
@@ -176,8 +185,9 @@ def _init_worker(meta: dict, append_eot: bool) -> None:
     _worker.update(tokenizer=tokenizer, dtype=DTYPES[meta["dtype"]], meta_dtype=meta["dtype"], append_eot=append_eot)
 
 
-def _encode_chunk(chunk) -> tuple[np.ndarray, int]:
-    """One chunk -> (its ids in the output dtype, documents it completes). Ids that do not fit are an error."""
+def _encode_chunk(chunk) -> tuple[np.ndarray, int, int]:
+    """One chunk -> (its ids in the output dtype, documents it completes, characters). Ids that do not fit
+    the dtype are an error, never a silent wrap."""
     tokenizer, append_eot = _worker["tokenizer"], _worker["append_eot"]
     parts = []
     for ids, (_, ends_document) in zip(tokenizer.encode_batch([text for text, _ in chunk]), chunk):
@@ -189,7 +199,7 @@ def _encode_chunk(chunk) -> tuple[np.ndarray, int]:
     if len(ids) and ids.max() > limit:
         raise DataError(f"token id {int(ids.max())} does not fit {_worker['meta_dtype']} (max {limit}); "
                         "use dtype uint32 for vocabularies above 65,536 ids")
-    return ids.astype(_worker["dtype"]), sum(ends for _, ends in chunk)
+    return ids.astype(_worker["dtype"]), sum(ends for _, ends in chunk), sum(len(text) for text, _ in chunk)
 
 
 def _ordered_map(chunks, num_proc: int, initargs: tuple):
@@ -208,35 +218,43 @@ def _ordered_map(chunks, num_proc: int, initargs: tuple):
             yield pending.popleft().get()
 
 
+class Written(NamedTuple):
+    tokens: int
+    documents: int
+    characters: int
+
+
 def tokenize_to_bin(documents, path, meta: dict, *, num_proc: int = 1, append_eot: bool = False,
-                    chunk_chars: int = 1 << 20, total_documents: int | None = None, desc: str | None = None) -> int:
-    """Tokenize documents (an iterable of str) into the raw bin `path`, with the tokenizer and dtype of
-    `meta`; an EOT token after each document if append_eot. Returns the number of tokens written.
+                    chunk_chars: int = 1 << 18, total_documents: int | None = None,
+                    desc: str | None = None) -> Written:
+    """Tokenize documents (str, or iterables of str parts) into the raw bin `path`, with the tokenizer and dtype of
+    `meta`; an EOT token after each document if append_eot. Returns what it wrote: tokens, documents
+    and characters read.
 
     Writes `path` directly: call it on a PreparedFolder.temp() path so the bin appears only on commit.
     """
     initargs = (meta, append_eot)
-    num_tokens = 0
+    num_tokens = num_documents = num_chars = 0
     path = Path(path)
-    with open(path, "wb") as f, tqdm(total=total_documents, desc=desc or path.name, unit="doc", delay=1.0,
+    with open(path, "wb") as f, tqdm(total=total_documents, desc=desc or path.name.removesuffix(".tmp"), unit="doc", delay=1.0,
                                      dynamic_ncols=True) as bar:
-        for ids, finished in _ordered_map(_chunks(documents, chunk_chars), num_proc, initargs):
+        for ids, finished, chars in _ordered_map(_chunks(documents, chunk_chars), num_proc, initargs):
             f.write(ids.tobytes())
-            num_tokens += len(ids)
+            num_tokens, num_documents, num_chars = num_tokens + len(ids), num_documents + finished, num_chars + chars
             bar.update(finished)
             bar.set_postfix(tokens=f"{num_tokens:,}", refresh=False)
         f.flush()
         os.fsync(f.fileno())
-    return num_tokens
+    return Written(num_tokens, num_documents, num_chars)
 
 
-def split_tail(source, head, tail, dtype: str, tail_fraction: float) -> tuple[int, int]:
-    """Move the last tail_fraction of the tokens of `source` to a new file `tail`, and rename what is
-    left to `head` (streamed: bounded memory). Returns (head tokens, tail tokens)."""
+def split_tail(path, tail_path, dtype: str, tail_fraction: float) -> tuple[int, int]:
+    """Move the last tail_fraction of the tokens of bin `path` to a new bin `tail_path` (streamed, bounded
+    memory) and truncate `path` to the rest. Returns (tokens left in path, tokens moved)."""
     itemsize = DTYPES[dtype].itemsize
-    total = os.path.getsize(source) // itemsize
+    total = os.path.getsize(path) // itemsize
     num_head = int(total * (1 - tail_fraction))
-    with open(source, "r+b") as src, open(tail, "wb") as dst:
+    with open(path, "r+b") as src, open(tail_path, "wb") as dst:
         src.seek(num_head * itemsize)
         while block := src.read(1 << 24):
             dst.write(block)
@@ -245,7 +263,6 @@ def split_tail(source, head, tail, dtype: str, tail_fraction: float) -> tuple[in
         src.truncate(num_head * itemsize)
         src.flush()
         os.fsync(src.fileno())
-    os.replace(source, head)
     return num_head, total - num_head
 
 
@@ -269,8 +286,10 @@ class PreparedFolder:
     def __init__(self, out_dir):
         self.out_dir = Path(out_dir)
         self._temps = {}  # final path -> temporary path
+        self._created = False
 
     def __enter__(self):
+        self._created = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -291,6 +310,8 @@ class PreparedFolder:
     def __exit__(self, exc_type, exc, tb):
         for temp in self._temps.values():
             temp.unlink(missing_ok=True)
+        if exc_type is not None and self._created and not any(self.out_dir.iterdir()):
+            self.out_dir.rmdir()  # a failed first run leaves no empty folder behind
         return False
 
 
@@ -330,6 +351,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def default_num_proc() -> int:
     return os.cpu_count() or 1
+
+
+def local_or_downloaded_text(input_path, local_path, url: str) -> str:
+    """The text of --input if given, else of local_path, downloading url there first if it is missing."""
+    if input_path is None:
+        input_path = Path(local_path)
+        if not input_path.is_file():
+            print(f"downloading {url} -> {input_path}")
+            download(url, input_path)
+    return read_text(input_path)
 
 
 def read_text(path) -> str:

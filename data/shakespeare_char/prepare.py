@@ -12,22 +12,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a plain checkout
 
 from forge.errors import run_main  # noqa: E402
-from forge.tokenize import (ArgumentParser, PreparedFolder, char_meta, download, read_text,  # noqa: E402
+from forge.tokenize import (ArgumentParser, PreparedFolder, char_meta, local_or_downloaded_text,  # noqa: E402
                             tokenize_to_bin)
 
 HERE = Path(__file__).resolve().parent
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TRAIN_FRACTION = 0.9
-
-
-def shakespeare_text(input_path) -> str:
-    """The text from --input, else input.txt in this folder, else downloaded into this folder."""
-    if input_path is None:
-        input_path = HERE / "input.txt"
-        if not input_path.is_file():
-            print(f"downloading {URL}")
-            download(URL, input_path)
-    return read_text(input_path)
 
 
 def main(argv=None) -> None:
@@ -36,11 +26,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out_dir", type=Path, default=HERE, help="where the bins and meta.json go (default: here)")
     args = parser.parse_args(argv)
 
-    text = shakespeare_text(args.input)
+    text = local_or_downloaded_text(args.input, HERE / "input.txt", URL)
     meta = char_meta(sorted(set(text)))
     n = int(len(text) * TRAIN_FRACTION)
     with PreparedFolder(args.out_dir) as folder:
-        counts = {split: tokenize_to_bin([part], folder.temp(f"{split}.bin"), meta)
+        counts = {split: tokenize_to_bin([part], folder.temp(f"{split}.bin"), meta).tokens
                   for split, part in (("train", text[:n]), ("val", text[n:]))}
         folder.commit(meta)
     print(f"{len(text):,} characters, vocab {meta['vocab_size']}: train {counts['train']:,} tokens, "

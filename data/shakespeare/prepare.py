@@ -1,0 +1,42 @@
+"""Tiny Shakespeare in GPT-2 BPE: train.bin / val.bin (uint16) and meta.json in this folder.
+
+    python data/shakespeare/prepare.py                 # input.txt here, else downloads it
+    python data/shakespeare/prepare.py --input PATH    # a local copy of the text
+
+The first 90% of the characters are train, the last 10% val (the same split as shakespeare_char),
+each encoded with tiktoken's "gpt2" encode_ordinary: 301,966 and 36,059 tokens, as nanoGPT makes them.
+This is the dataset of config/finetune_shakespeare.py.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a plain checkout
+
+from forge.errors import run_main  # noqa: E402
+from forge.tokenize import (ArgumentParser, PreparedFolder, default_num_proc, gpt2_meta,  # noqa: E402
+                            local_or_downloaded_text, tokenize_to_bin)
+
+HERE = Path(__file__).resolve().parent
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TRAIN_FRACTION = 0.9
+
+
+def main(argv=None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", type=Path, help="Tiny Shakespeare text (default: input.txt here, else download)")
+    parser.add_argument("--out_dir", type=Path, default=HERE, help="where the bins and meta.json go (default: here)")
+    parser.add_argument("--num_proc", type=int, default=default_num_proc(), help="tokenizer processes (default: all cores)")
+    args = parser.parse_args(argv)
+
+    text = local_or_downloaded_text(args.input, HERE / "input.txt", URL)
+    meta = gpt2_meta()
+    n = int(len(text) * TRAIN_FRACTION)
+    with PreparedFolder(args.out_dir) as folder:
+        counts = {split: tokenize_to_bin([part], folder.temp(f"{split}.bin"), meta, num_proc=args.num_proc).tokens
+                  for split, part in (("train", text[:n]), ("val", text[n:]))}
+        folder.commit(meta)
+    print(f"{len(text):,} characters: train {counts['train']:,} tokens, val {counts['val']:,} tokens -> {args.out_dir}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,137 @@
+"""Your own corpus -> train.bin / val.bin / meta.json, ready for `train.py --dataset=NAME`.
+
+    python data/text/prepare.py notes.txt                        # -> data/notes (GPT-2 BPE)
+    python data/text/prepare.py books/ --out_dir data/books      # every .txt and .jsonl under books/
+    python data/text/prepare.py chats.jsonl --text_field body    # one document per JSON line
+    python data/text/prepare.py poems.txt --tokenizer char       # a character vocabulary
+
+Inputs are .txt files (each one document), .jsonl files (one JSON object per line, each one
+document, its text in --text_field) or directories of them (searched recursively, in sorted
+order); other files named explicitly are read as text. With --tokenizer gpt2 (for fine-tuning
+GPT-2) every document ends with the end-of-text token 50256; with --tokenizer char the vocabulary
+is the sorted unique characters of the corpus. The last --val_fraction of the token stream is val.
+Files are streamed, so memory stays bounded whatever the corpus size.
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a plain checkout
+
+from tqdm import tqdm  # noqa: E402
+
+from forge.data import DataError  # noqa: E402
+from forge.errors import run_main  # noqa: E402
+from forge.tokenize import (ArgumentParser, PreparedFolder, char_meta, default_num_proc, gpt2_meta,  # noqa: E402
+                            split_tail, tokenize_to_bin)
+
+DATA = Path(__file__).resolve().parents[1]
+CORPUS_SUFFIXES = (".txt", ".jsonl")
+BLOCK_CHARS = 1 << 20  # a .txt file is read in blocks of this many characters
+
+
+def input_files(paths) -> list[Path]:
+    """The files to read, in a fixed order: named files as given, directories' .txt/.jsonl files sorted."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES)
+            if not found:
+                raise DataError(f"no .txt or .jsonl files under {path}")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"input {path} not found")
+    return files
+
+
+def _text_blocks(path: Path):
+    """A .txt file's text in blocks (universal newlines, as nanoGPT reads text)."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            while block := f.read(BLOCK_CHARS):
+                yield block
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason}); convert it to UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _jsonl_documents(path: Path, text_field: str):
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise DataError(f"{path}:{line_number}: not valid JSON ({exc})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise DataError(f"{path}:{line_number}: expected a JSON object with a text field "
+                                    f"{text_field!r} (choose the field with --text_field)")
+                yield record[text_field]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason}); convert it to UTF-8") from None
+
+
+def documents(files, text_field: str):
+    """Every document of the corpus: a .txt file as a stream of blocks, each .jsonl record as a str."""
+    for path in files:
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, text_field)
+        else:
+            yield _text_blocks(path)
+
+
+def corpus_characters(files, text_field: str) -> list[str]:
+    """The sorted unique characters of the corpus (a first streaming pass, for --tokenizer char)."""
+    chars = set()
+    for doc in tqdm(documents(files, text_field), desc="vocabulary", unit="doc", delay=1.0):
+        for part in (doc,) if isinstance(doc, str) else doc:
+            chars.update(part)
+    return sorted(chars)
+
+
+def main(argv=None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", help=".txt / .jsonl files or directories of them")
+    parser.add_argument("--out_dir", type=Path, help="output folder (default: data/<name of the first input>)")
+    parser.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2", help="GPT-2 BPE or characters")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of the tokens kept for val")
+    parser.add_argument("--text_field", default="text", help="the text field of .jsonl records")
+    parser.add_argument("--num_proc", type=int, default=default_num_proc(), help="tokenizer processes (default: all cores)")
+    args = parser.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        raise DataError(f"--val_fraction {args.val_fraction} must be between 0 and 1 (exclusive)")
+    files = input_files(args.inputs)
+    out_dir = args.out_dir or DATA / Path(args.inputs[0]).resolve().stem
+
+    if args.tokenizer == "char":
+        chars = corpus_characters(files, args.text_field)
+        if not chars:
+            raise DataError(f"the inputs hold no text: {', '.join(map(str, args.inputs))}")
+        meta = char_meta(chars)
+    else:
+        meta = gpt2_meta()
+    with PreparedFolder(out_dir) as folder:
+        train = folder.temp("train.bin")
+        written = tokenize_to_bin(documents(files, args.text_field), train, meta, num_proc=args.num_proc,
+                                  append_eot=meta["tokenizer"] == "gpt2", desc="tokens")
+        if written.characters == 0:
+            raise DataError(f"the inputs hold no text: {', '.join(map(str, args.inputs))}")
+        total = written.tokens
+        num_train, num_val = split_tail(train, folder.temp("val.bin"), meta["dtype"], args.val_fraction)
+        if num_train == 0 or num_val == 0:
+            raise DataError(f"{total} tokens are too few to split with --val_fraction {args.val_fraction}: "
+                            "add text or change --val_fraction")
+        folder.commit(meta)
+    print(f"{len(files)} file(s), {meta['tokenizer']} vocab {meta['vocab_size']:,} ({meta['dtype']}): "
+          f"train {num_train:,} tokens, val {num_val:,} tokens -> {out_dir}")
+    if out_dir.resolve().parent == DATA:
+        print(f"train with: python train.py ... --dataset={out_dir.name}")
+
+
+if __name__ == "__main__":
+    run_main(main)
