@@ -1,0 +1,157 @@
+"""GPT-2 import and export against Hugging Face transformers (a test-only reference), on small
+randomly initialised models saved to temporary directories: no download needed."""
+import json
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, ModelError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+# initializer_range 0.2 (not GPT-2's 0.02): activations large enough that an exact GELU instead of
+# the tanh one, or a wrong LayerNorm epsilon, moves the logits by more than the 1e-4 tolerance
+HF_SMALL = dict(
+    n_layer=2, n_head=4, n_embd=64, vocab_size=100, n_positions=32, initializer_range=0.2, bos_token_id=None, eos_token_id=None
+)
+
+
+def make_hf_model(seed=0, **overrides):
+    """A small GPT-2 with random weights, biases included (HF initialises them to zero: perturb them)."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(**{**HF_SMALL, **overrides}, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+def make_our_model(**config):
+    """Our GPT with weights ten times GPT-2's initial scale, for the same reason as HF_SMALL's."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**config)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(10).add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def our_logits(model, idx):
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(idx, targets=torch.zeros_like(idx))  # with targets: every position
+    return logits
+
+
+def save_hf(hf, path, form):
+    if form == "safetensors":
+        hf.save_pretrained(path)
+        assert (path / "model.safetensors").is_file()
+    elif form == "bin":  # the classic pickle format, as older transformers and the Hub wrote it
+        path.mkdir()
+        hf.config.save_pretrained(path)
+        torch.save(hf.state_dict(), path / "pytorch_model.bin")
+    else:  # "sharded": model.safetensors.index.json + shards
+        hf.save_pretrained(path, max_shard_size="50KB")
+        assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+@pytest.mark.parametrize("form", ["safetensors", "bin", "sharded"])
+def test_from_pretrained_logits_match_transformers(tmp_path, form):
+    hf = make_hf_model()
+    path = save_hf(hf, tmp_path / "hf", form)
+    model = GPT.from_pretrained(path)
+    assert model.config.block_size == 32 and model.config.vocab_size == 100 and model.config.n_layer == 2
+    idx = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(our_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
+
+
+def test_save_pretrained_round_trip_loads_in_transformers_with_equal_logits(tmp_path):
+    model = make_our_model(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
+    model.save_pretrained(tmp_path / "export", vocab_size=100)  # drop the 28 padding rows
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
+    assert config["vocab_size"] == 100 and config["n_positions"] == 32
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    idx = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(hf_logits(hf, idx), our_logits(model, idx)[..., :100], atol=1e-4, rtol=0)
+    # and back into our GPT
+    reloaded = GPT.from_pretrained(tmp_path / "export")
+    torch.testing.assert_close(our_logits(reloaded, idx), our_logits(model, idx)[..., :100], atol=1e-5, rtol=0)
+
+
+def test_save_pretrained_bias_free_model_exports_zero_biases(tmp_path):
+    model = make_our_model(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=False)
+    model.save_pretrained(tmp_path / "export")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    idx = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(hf_logits(hf, idx), our_logits(model, idx), atol=1e-4, rtol=0)
+
+
+def test_save_pretrained_replaces_an_earlier_export_but_refuses_other_directories(tmp_path):
+    model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16))
+    model.save_pretrained(tmp_path / "export")
+    model.save_pretrained(tmp_path / "export")  # again: an earlier export is replaced
+    (tmp_path / "empty").mkdir()
+    model.save_pretrained(tmp_path / "empty")  # an empty directory is fine
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    with pytest.raises(ModelError, match="precious"):
+        model.save_pretrained(precious)
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "export", "precious"]  # no temp dirs left
+    with pytest.raises(ModelError, match="vocab_size"):
+        model.save_pretrained(tmp_path / "other", vocab_size=33)
+
+
+def test_from_pretrained_override_args(tmp_path):
+    path = save_hf(make_hf_model(), tmp_path / "hf", "safetensors")
+    model = GPT.from_pretrained(path, override_args=dict(dropout=0.1, block_size=16))
+    assert model.config.dropout == 0.1 and model.config.block_size == 16
+    assert model.transformer.wpe.weight.shape == (16, 64)
+    with pytest.raises(ModelError, match="n_layer"):
+        GPT.from_pretrained(path, override_args=dict(n_layer=3))
+    with pytest.raises(ModelError, match="block_size"):
+        GPT.from_pretrained(path, override_args=dict(block_size=64))
+
+
+def test_from_pretrained_bad_inputs_name_the_culprit(tmp_path):
+    with pytest.raises(ModelError, match=r"unknown pretrained model 'gpt3'.*gpt2-medium"):
+        GPT.from_pretrained("gpt3")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match=r"empty is not a GPT-2 checkpoint: it has no config.json"):
+        GPT.from_pretrained(empty)
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelError, match="model_type 'llama'"):
+        GPT.from_pretrained(llama)
+    no_weights = tmp_path / "no_weights"
+    transformers.GPT2Config(**HF_SMALL).save_pretrained(no_weights)
+    with pytest.raises(ModelError, match="neither model.safetensors nor pytorch_model.bin"):
+        GPT.from_pretrained(no_weights)
+    exact_gelu = tmp_path / "exact_gelu"
+    make_hf_model(activation_function="gelu").save_pretrained(exact_gelu)
+    with pytest.raises(ModelError, match="activation_function='gelu'"):
+        GPT.from_pretrained(exact_gelu)
+    # weights that do not match config.json
+    mismatched = save_hf(make_hf_model(), tmp_path / "mismatched", "safetensors")
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
+    with pytest.raises(ModelError, match=r"missing h\.2\."):
+        GPT.from_pretrained(mismatched)
+    corrupt = save_hf(make_hf_model(), tmp_path / "corrupt", "safetensors")
+    (corrupt / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        GPT.from_pretrained(corrupt)
