@@ -18,14 +18,13 @@ References:
    https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
 """
 
-import inspect
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -192,16 +191,17 @@ class LanguageModel(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), **({"fused": True} if fused else {}))
+        fused = device_type in ("cuda", "cpu")  # torch 2.13 has fused AdamW for both (FSDP2's DTensors too)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), fused=fused)
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops=None):
         """Model FLOPs utilisation: achieved FLOP/s as a fraction of the device's peak.
 
-        tokens_per_iter: tokens processed (forward + backward) in dt seconds, over all the
-        devices this model replica accounts for. peak_flops: the peak FLOP/s to compare with;
-        by default the dense bf16 tensor peak of this model's GPU from PEAK_FLOPS. Returns None
-        when the peak is unknown (a CPU, an unlisted GPU) and not given, or the model does no matmuls.
+        tokens_per_iter: tokens this process trained on (forward + backward) in dt seconds, e.g.
+        batch_size * block_size * its gradient-accumulation steps; the result is per device.
+        peak_flops: the device's peak FLOP/s to compare with; by default the dense bf16 tensor
+        peak of this model's GPU from PEAK_FLOPS. Returns None when the peak is unknown (a CPU,
+        an unlisted GPU) and not given, or when the model does no matmuls (the bigram).
         """
         if peak_flops is None:
             peak_flops = device_peak_flops(next(self.parameters()).device, torch.bfloat16)
@@ -711,23 +711,43 @@ def build_model(model_type, model_args):
 # Peak FLOP/s for MFU: dense (no sparsity) 16-bit tensor-core peaks, bf16 where the GPU has it,
 # else fp16, with fp32 accumulation. Datasheets quote "with sparsity" figures at twice these.
 PEAK_FLOPS = {
-    "A100": 312e12,  # NVIDIA A100 datasheet (SXM and PCIe): BF16 Tensor Core 312 TFLOPS (624 sparse)
-    "H100 SXM": 989e12,  # NVIDIA H100 datasheet: H100 SXM BF16 Tensor Core 1,979 TFLOPS with sparsity
-    "H100 PCIe": 756e12,  # NVIDIA H100 datasheet: H100 PCIe BF16 Tensor Core 1,513 TFLOPS with sparsity
-    "H100 NVL": 835e12,  # NVIDIA H100 datasheet: H100 NVL BF16 Tensor Core 1,671 TFLOPS with sparsity
-    "H200": 989e12,  # NVIDIA H200 datasheet: H200 SXM BF16 Tensor Core 1,979 TFLOPS with sparsity
-    "H200 NVL": 835e12,  # NVIDIA H200 datasheet: H200 NVL BF16 Tensor Core 1,671 TFLOPS with sparsity
-    "GH200": 989e12,  # NVIDIA GH200 datasheet: BF16 1,979 TFLOPS with sparsity (H100/H200-class GPU)
-    "L4": 121e12,  # NVIDIA L4 datasheet: BF16 Tensor Core 242 TFLOPS with sparsity
-    "L40S": 362e12,  # NVIDIA L40S datasheet: BF16 Tensor Core 733 TFLOPS with sparsity
-    "L40": 181e12,  # NVIDIA L40 datasheet: BF16 Tensor Core 362 TFLOPS with sparsity
-    "A10G": 70e12,  # AWS EC2 G5 (A10G): 70 TFLOPS FP16 tensor per GPU (from AWS's G5 announcement)
-    "A10": 125e12,  # NVIDIA A10 datasheet: BF16 Tensor Core 125 TFLOPS (250 sparse)
-    "RTX 4090": 165e12,  # NVIDIA Ada Lovelace whitepaper: RTX 4090 FP16/BF16 tensor, FP32 accumulate, 165.2
-    "RTX 3090": 71e12,  # NVIDIA Ampere GA102 whitepaper: RTX 3090 FP16/BF16 tensor, FP32 accumulate, 71
-    "V100": 125e12,  # NVIDIA V100 datasheet: V100 SXM2 Tensor Performance 125 TFLOPS (fp16)
-    "T4": 65e12,  # NVIDIA T4 datasheet: Mixed Precision (FP16/FP32) 65 TFLOPS
-    "MI300X": 1307e12,  # AMD Instinct MI300X datasheet: Peak BF16 1307.4 TFLOPS (dense)
+    # NVIDIA A100 datasheet (SXM and PCIe, 40 and 80 GB): BF16 Tensor Core 312 TFLOPS | 624 sparse
+    "A100": 312e12,
+    # NVIDIA H100 datasheet: BF16 Tensor Core 1,979 (SXM) / 1,513 (PCIe) / 1,671 (NVL) TFLOPS with sparsity
+    "H100 SXM": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    # NVIDIA H200 datasheet: BF16 Tensor Core 1,979 (SXM) / 1,671 (NVL) TFLOPS with sparsity
+    "H200": 989e12,
+    "H200 NVL": 835e12,
+    # NVIDIA GH200 Grace Hopper datasheet: BF16 1,979 TFLOPS with sparsity (an H100/H200-class GPU)
+    "GH200": 989e12,
+    # NVIDIA HGX B200 datasheet: per GPU FP16/BF16 Tensor Core 4.5 PFLOPS with sparsity
+    "B200": 2250e12,
+    # NVIDIA L4 datasheet: BF16 Tensor Core 242 TFLOPS with sparsity
+    "L4": 121e12,
+    # NVIDIA L40S datasheet: BF16 Tensor Core 362.05 | 733 sparse; L40 datasheet: 181.05 | 362.1 sparse
+    "L40S": 362e12,
+    "L40": 181e12,
+    # NVIDIA A40 datasheet: BF16 Tensor Core with FP32 accumulate 149.7 | 299.4 sparse
+    "A40": 150e12,
+    # NVIDIA A10 datasheet: BF16 Tensor Core 125 | 250 sparse
+    "A10": 125e12,
+    # AWS's A10G (EC2 G5) has no public NVIDIA datasheet; 70 TFLOPS BF16 tensor as AWS lists it
+    # (compared with the A10 in Baseten's "NVIDIA A10 vs A10G for ML model inference")
+    "A10G": 70e12,
+    # NVIDIA Ada Lovelace architecture whitepaper, appendix: RTX 4090 FP16/BF16 Tensor with FP32 accumulate 165.2
+    "RTX 4090": 165e12,
+    # NVIDIA Ampere GA102 architecture whitepaper, appendix A: RTX 3090 FP16/BF16 Tensor with FP32 accumulate 71
+    "RTX 3090": 71e12,
+    # NVIDIA V100 datasheet: Tensor Performance (fp16) 125 (SXM2) / 112 (PCIe) TFLOPS
+    "V100": 125e12,
+    "V100 PCIe": 112e12,
+    # NVIDIA T4 datasheet: Mixed Precision (FP16/FP32) 65 TFLOPS
+    "T4": 65e12,
+    # AMD Instinct MI300X / MI325X datasheets: Peak BF16 1,307.4 TFLOPS dense (2,614.9 with sparsity)
+    "MI300X": 1307e12,
+    "MI325X": 1307e12,
 }
 
 # torch.cuda.get_device_name() spellings, matched on the lowercased name with punctuation turned
@@ -739,17 +759,21 @@ _GPU_NAME_PATTERNS = [
     (r"\bh100\b.*\bnvl\b", "H100 NVL"),
     (r"\bh100\b.*\bpcie\b", "H100 PCIe"),
     (r"\bh100\b", "H100 SXM"),  # "H100 80GB HBM3", "H100 SXM5 80GB"
+    (r"\bb200\b", "B200"),
     (r"\ba100\b", "A100"),
     (r"\bl40s\b", "L40S"),
     (r"\bl40\b", "L40"),
     (r"\bl4\b", "L4"),
+    (r"\ba40\b", "A40"),
     (r"\ba10g\b", "A10G"),
     (r"\ba10\b", "A10"),
-    (r"\brtx 4090\b", "RTX 4090"),
-    (r"\brtx 3090\b", "RTX 3090"),
+    (r"\brtx 4090\b(?! d\b)", "RTX 4090"),  # not the slower 4090 D
+    (r"\brtx 3090\b(?! ti\b)", "RTX 3090"),  # not the faster 3090 Ti
+    (r"\bv100\b.*\bpcie\b", "V100 PCIe"),
     (r"\bv100\b", "V100"),
     (r"\bt4\b", "T4"),
     (r"\bmi300x\b", "MI300X"),
+    (r"\bmi325x\b", "MI325X"),
 ]
 
 

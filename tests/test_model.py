@@ -262,6 +262,10 @@ def test_flops_per_token_and_estimate_mfu_by_hand():
         ("Tesla V100-SXM2-16GB", "V100"),
         ("Tesla T4", "T4"),
         ("AMD Instinct MI300X", "MI300X"),
+        ("AMD Instinct MI325X", "MI325X"),
+        ("NVIDIA B200", "B200"),
+        ("NVIDIA A40", "A40"),
+        ("Tesla V100-PCIE-32GB", "V100 PCIe"),
     ],
 )
 def test_peak_flops_matches_device_names(device_name, key):
@@ -269,7 +273,8 @@ def test_peak_flops_matches_device_names(device_name, key):
 
 
 def test_peak_flops_unknown_device_and_cpu():
-    assert peak_flops_for_gpu_name("NVIDIA GeForce GTX 1080") is None
+    for unlisted in ("NVIDIA GeForce GTX 1080", "NVIDIA GeForce RTX 3090 Ti", "NVIDIA RTX A4000", "NVIDIA T400"):
+        assert peak_flops_for_gpu_name(unlisted) is None, unlisted
     assert model_module.device_peak_flops("cpu", torch.bfloat16) is None
 
 
