@@ -1,0 +1,302 @@
+"""Configuration: one typed dataclass of defaults, config files, then --key=value overrides.
+
+    python train.py config/a.py [config/b.py ...] --key=value ...
+
+Config files are plain Python assignments (trusted code, like any training script), each run in a
+fresh private namespace and applied in order; then each `--key=value` is parsed with
+ast.literal_eval (never exec), falling back to the raw string. Every key must exist in the
+dataclass (a typo is an error naming the closest key) and have the field's type (an int is fine
+where a float is expected). `--help` lists every key with its default and comment.
+
+load_config() is generic over the dataclass: sample.py, evaluate.py and bench.py use it with their
+own. Each field's comment on its line is its help text, so the dataclass stays the one place.
+"""
+import ast
+import dataclasses
+import difflib
+import inspect
+import io
+import json
+import sys
+import textwrap
+import tokenize
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from forge.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file or override the user can fix: unknown key, wrong type, bad value, missing file."""
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"  # where ckpt.pt, config.json and metrics.jsonl are written
+    eval_interval: int = 2000  # evaluate (and maybe checkpoint) every this many iterations
+    log_interval: int = 1  # print and record a training line every this many iterations
+    eval_iters: int = 200  # batches per split for each evaluation
+    eval_only: bool = False  # evaluate once at the start, then exit
+    always_save_checkpoint: bool = True  # save at every evaluation, not only when val loss improves
+    init_from: str = "scratch"  # 'scratch', 'resume', 'auto' (resume if out_dir has a checkpoint), 'gpt2*' or a local HF dir
+    keep_last: int = 0  # also keep the last N checkpoints as ckpt-<iter>.pt (0: only ckpt.pt)
+    # logging
+    wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works)
+    wandb_project: str = "owt"  # W&B project
+    wandb_run_name: str = "gpt2"  # W&B run name
+    # data
+    dataset: str = "openwebtext"  # folder under data/ holding train.bin, val.bin and meta.json
+    data_dir: str = ""  # explicit data folder; '' means data/<dataset>
+    gradient_accumulation_steps: int = 40  # micro-steps per optimizer step, over all ranks together
+    batch_size: int = 12  # sequences per micro-step (per rank)
+    block_size: int = 1024  # context length in tokens
+    # model
+    model_type: Literal["gpt", "bigram"] = "gpt"  # 'gpt' (the transformer) or 'bigram' (a lookup-table baseline)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # embedding width
+    dropout: float = 0.0  # dropout probability; 0 for pretraining, try 0.1+ for fine-tuning
+    bias: bool = False  # bias in Linear and LayerNorm layers (GPT-2 has them)
+    # optimizer
+    optimizer: str = "adamw"  # 'adamw' or 'muon' (forge/optim.py)
+    learning_rate: float = 6e-4  # peak learning rate
+    max_iters: int = 600000  # total optimizer steps
+    weight_decay: float = 0.1  # AdamW weight decay on 2-D weights
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables clipping
+    # learning-rate schedule
+    decay_lr: bool = True  # linear warmup then cosine decay; False keeps learning_rate constant
+    warmup_iters: int = 2000  # linear warmup steps
+    lr_decay_iters: int = 600000  # the cosine reaches min_lr here (~max_iters per Chinchilla)
+    min_lr: float = 6e-5  # floor of the schedule (~learning_rate/10 per Chinchilla)
+    # system
+    device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N', 'mps'
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # 'auto': bfloat16 if supported, else float16 on cuda, float32 elsewhere
+    compile: bool = True  # torch.compile the model (PyTorch 2)
+    backend: str = "auto"  # process-group backend under torchrun: 'auto' (nccl on cuda, gloo otherwise), 'nccl', 'gloo'
+    parallelism: Literal["ddp", "fsdp"] = "ddp"  # data parallelism under torchrun: 'ddp' (replicate) or 'fsdp' (shard)
+    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    seed: int = 1337  # base random seed (rank r uses seed + r)
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up in model.py's table
+
+    def __post_init__(self):
+        check_types(self)
+        positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
+                    "block_size", "n_layer", "n_head", "n_embd")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "keep_last", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
+
+# ----------------------------------------------------------------------------- types
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if tp is bool:
+        return "True or False"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp):
+    """value as type tp (int -> float where a float is expected), or raise TypeError."""
+    origin = typing.get_origin(tp)
+    if tp is typing.Any:
+        return value
+    if origin is Literal:
+        if any(value == choice and type(value) is type(choice) for choice in typing.get_args(tp)):
+            return value
+        raise TypeError
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+        raise TypeError
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if tp is bool:  # a real bool only: 1 or 'true' would hide a mistake
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if origin is not None:  # list[int], tuple[float, ...], dict[str, int]: check the container only
+        if isinstance(value, origin):
+            return value
+        raise TypeError
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise TypeError
+    return value
+
+
+def _hints(config_cls) -> dict:
+    return typing.get_type_hints(config_cls)
+
+
+def check_types(cfg) -> None:
+    """Check (and coerce int -> float) every field of a config dataclass instance; ConfigError on a mismatch."""
+    hints = _hints(type(cfg))
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        setattr(cfg, field.name, _checked(field.name, value, hints[field.name]))
+
+
+def _checked(key: str, value, tp):
+    try:
+        return _coerce(value, tp)
+    except TypeError:
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})") from None
+
+
+# ----------------------------------------------------------------------------- help text
+
+def field_comments(config_cls) -> dict:
+    """{field name: the comment on its line} read from the class source (the one place it is written)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(config_cls))
+    except (OSError, TypeError):
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    class_def = ast.parse(source).body[0]
+    return {node.target.id: comments[node.lineno] for node in class_def.body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.lineno in comments}
+
+
+def help_text(config_cls, prog: str) -> str:
+    comments, hints = field_comments(config_cls), _hints(config_cls)
+    lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "",
+             "Config files (Python assignments) apply in order, then --key=value overrides.", "", "keys:"]
+    fields = dataclasses.fields(config_cls)
+    width = max(len(f"--{f.name}={_default(f)!r}") for f in fields)
+    for f in fields:
+        left = f"--{f.name}={_default(f)!r}"
+        lines.append(f"  {left:<{width}}  ({_type_name(hints[f.name])}) {comments.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def _default(field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _unknown_key(key: str, known, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else "run with --help to list the keys"
+    return ConfigError(f"unknown config key {key!r} {where}; {hint}")
+
+
+def read_config_file(path: str, known) -> dict:
+    """The assignments of one config file, run in a private namespace; only known keys allowed."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path} not found; check the path (config files live in config/)")
+    try:
+        source = file.read_text(encoding="utf-8")
+        code = compile(source, str(file), "exec")
+    except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
+        line = f" line {exc.lineno}" if getattr(exc, "lineno", None) else ""
+        raise ConfigError(f"config file {path}{line} is not valid Python: {getattr(exc, 'msg', exc)}") from None
+    namespace: dict = {}  # private: never this module's globals; names starting with _ are the file's own helpers
+    try:
+        exec(code, namespace)
+    except Exception as exc:
+        raise ConfigError(f"config file {path} failed: {type(exc).__name__}: {exc}") from None
+    values = {}
+    for key, value in namespace.items():
+        if key.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+            continue
+        if key not in known:
+            raise _unknown_key(key, known, f"in {path}")
+        values[key] = value
+    return values
+
+
+def _parse_override(arg: str, known, hints) -> tuple:
+    body = arg[2:]
+    if "=" not in body:
+        raise ConfigError(f"override {arg!r} needs a value: write --{body}=VALUE")
+    key, raw = body.split("=", 1)  # values may contain '='
+    if key not in known:
+        raise _unknown_key(key, known, f"in {arg!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        value = raw
+    try:
+        return key, _coerce(value, hints[key])
+    except TypeError:
+        pass
+    if not isinstance(value, str):
+        try:  # a string key given something literal_eval reads as a number, e.g. --wandb_run_name=1e3
+            return key, _coerce(raw, hints[key])
+        except TypeError:
+            pass
+    return key, _checked(key, value, hints[key])
+
+
+def load_config(argv, config_cls=TrainConfig, prog: str | None = None):
+    """config_cls from config files and --key=value overrides in argv; --help prints the keys and exits."""
+    prog = prog or Path(sys.argv[0]).name
+    if "--help" in argv or "-h" in argv:
+        print(help_text(config_cls, prog))
+        raise SystemExit(0)
+    known = [f.name for f in dataclasses.fields(config_cls)]
+    hints = _hints(config_cls)
+    values: dict = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, value = _parse_override(arg, known, hints)
+        elif arg.startswith("-"):
+            raise ConfigError(f"unrecognised option {arg!r}; overrides are written --key=value")
+        else:
+            for key, value in read_config_file(arg, known).items():
+                values[key] = _checked(key, value, hints[key])
+            continue
+        values[key] = value
+    return config_cls(**values)
+
+
+def config_dict(cfg) -> dict:
+    """The resolved configuration as plain JSON-able values."""
+    return dataclasses.asdict(cfg)
+
+
+def format_config(cfg) -> str:
+    return json.dumps(config_dict(cfg), indent=2, sort_keys=False)

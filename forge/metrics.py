@@ -1,0 +1,156 @@
+"""What a run reports: console lines, out_dir/metrics.jsonl, out_dir/config.json and Weights & Biases.
+
+Only the writer (rank 0) prints or writes; on other ranks every method is a no-op, so the loop
+calls them unconditionally. metrics.jsonl holds one JSON object per log or eval step and survives
+resumes: on resume the records of steps at or after the checkpoint's iteration are dropped (the
+file is rewritten atomically), so no step appears twice. A record torn by a crash is skipped by
+read_metrics() and repaired at the next start.
+"""
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+
+from forge.checkpoint import atomic_write
+from forge.errors import UserError
+
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.json"
+PROCESS_START = time.time()  # time_s in records counts from here (time-to-loss figures)
+
+
+class NonFiniteLossError(UserError):
+    """The loss (or gradient norm) became NaN or infinite: training stopped, checkpoints untouched."""
+
+
+def git_commit(repo_dir=None) -> str:
+    """The commit the code runs from (`git rev-parse HEAD`), or 'unknown' outside a git checkout."""
+    repo_dir = repo_dir or Path(__file__).resolve().parents[1]
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else "unknown"
+
+
+def read_metrics(path) -> list:
+    """The records of a metrics.jsonl; a torn (partly written) line is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_NAME
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _json_number(value):
+    """JSON has no NaN/inf: write them as null."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class MetricsLog:
+    """Console, metrics.jsonl and W&B for one run; `enabled=False` (ranks > 0) makes every call a no-op."""
+
+    def __init__(self, out_dir, enabled: bool = True):
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self.path = self.out_dir / METRICS_NAME
+        self._file = None
+        self._wandb_run = None
+
+    # --- console
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    # --- files
+    def write_config(self, config: dict) -> str:
+        """out_dir/config.json: the resolved config and the git commit (atomic); logs both. Returns the commit."""
+        commit = git_commit()
+        if self.enabled:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            payload = json.dumps({"git_commit": commit, "config": config}, indent=2) + "\n"
+            atomic_write(self.out_dir / CONFIG_NAME, lambda f: f.write(payload.encode("utf-8")))
+            self.info(f"git commit {commit}; config: " + json.dumps(config, separators=(", ", "=")))
+        return commit
+
+    def start(self, start_iter: int) -> None:
+        """Open metrics.jsonl for appending, first dropping records at or after start_iter (and a torn line)."""
+        if not self.enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [r for r in read_metrics(self.path) if isinstance(r.get("iter"), int) and r["iter"] < start_iter]
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            atomic_write(self.path, lambda f: f.write(text.encode("utf-8")))
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _record(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: v for k, v in record.items() if v is not None})
+
+    def log_step(self, iter_num: int, loss: float, lr: float, grad_norm: float, ms: float, tokens_per_sec: float,
+                 mfu=None) -> None:
+        """One training line: loss, lr, gradient norm before clipping, ms/iter, tokens/s, MFU (None: unknown)."""
+        if not self.enabled:
+            return
+        mfu_text = f", mfu {mfu * 100:.2f}%" if mfu is not None else ""
+        self.info(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, grad norm {grad_norm:.3f}, "
+                  f"{ms:.1f} ms/iter, {tokens_per_sec:,.0f} tok/s{mfu_text}")
+        self._record({"iter": iter_num, "loss": _json_number(loss), "lr": lr, "grad_norm": _json_number(grad_norm),
+                      "ms": ms, "tokens_per_sec": tokens_per_sec, "mfu": _json_number(mfu),
+                      "time_s": time.time() - PROCESS_START})
+
+    def log_eval(self, iter_num: int, train_loss: float, val_loss: float, lr: float) -> None:
+        if not self.enabled:
+            return
+        self.info(f"step {iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+        self._record({"iter": iter_num, "train_loss": _json_number(train_loss), "val_loss": _json_number(val_loss),
+                      "lr": lr, "time_s": time.time() - PROCESS_START})
+
+    # --- Weights & Biases
+    def start_wandb(self, project: str, run_name: str, config: dict, run_id=None):
+        """Start (or, given the stored run_id, continue) a W&B run with files under out_dir/wandb; returns its id."""
+        if not self.enabled:
+            return run_id
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("wandb_log=True but the wandb package is not installed: pip install wandb, "
+                            "or set --wandb_log=False") from None
+        run_id = run_id or wandb.util.generate_id()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._wandb_run = wandb.init(project=project, name=run_name, config=config, id=run_id, resume="allow",
+                                         dir=str(self.out_dir))
+        except Exception as exc:  # no login, no network: say so instead of a traceback
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"wandb could not start ({reason}); run `wandb login`, set WANDB_MODE=offline, "
+                            "or --wandb_log=False") from None
+        # Records carry their iteration: a resumed run re-logs the steps after its checkpoint against "iter".
+        self._wandb_run.define_metric("iter")
+        self._wandb_run.define_metric("*", step_metric="iter")
+        return run_id
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None

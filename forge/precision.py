@@ -1,0 +1,57 @@
+"""Numeric precision: which dtype a run computes in, and the autocast context for it."""
+from contextlib import nullcontext
+
+import torch
+
+from forge.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PrecisionError(UserError):
+    """A dtype this device cannot compute in."""
+
+
+def _mps_has_bfloat16() -> bool:
+    try:
+        torch.ones(1, device="mps", dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """'auto' -> bfloat16 where the device has it (Ampere+ GPUs), float16 on older GPUs, float32 on CPU/MPS.
+
+    An explicit dtype the device cannot compute in is a PrecisionError naming what to use instead.
+    """
+    kind = torch.device(device).type
+    if dtype == "auto":
+        if kind == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise PrecisionError(f"dtype={dtype!r} is unknown; use auto, float32, bfloat16 or float16")
+    if dtype == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PrecisionError(f"dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                             "use --dtype=float16 (with loss scaling) or --dtype=auto")
+    if dtype == "bfloat16" and kind == "mps" and not _mps_has_bfloat16():
+        raise PrecisionError("dtype=bfloat16 is not supported by this MPS device (macOS 14+ needed); "
+                             "use --dtype=float16 or --dtype=float32")
+    if dtype == "float16" and kind == "cpu":
+        raise PrecisionError("dtype=float16 needs a GPU (CPU autocast has no float16 loss scaling); "
+                             "use --dtype=float32 or --dtype=bfloat16 on the CPU")
+    return DTYPES[dtype]
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """torch.autocast for bfloat16/float16, a no-op context for float32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def enable_tf32() -> None:
+    """TF32 matmuls and convolutions on Ampere+ GPUs (float32 runs ~8x faster, precision rarely matters)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,341 @@
+"""Train a GPT on one CPU, one GPU, or many processes under torchrun.
+
+    python train.py config/shakespeare_char.py --max_iters=2000
+    torchrun --nproc_per_node=8 train.py config/owt.py
+
+main(cfg) reads top to bottom in nanoGPT's order: config, distributed init, data, model, optimizer,
+resume, parallelize (compile, DDP/FSDP), loop, cleanup. The machinery lives in forge/.
+"""
+import dataclasses
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from configurator import ConfigError, TrainConfig, config_dict, load_config
+from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, load_model_weights,
+                              restore_training_state, save_training_state)
+from forge.data import TokenBatches, load_meta
+from forge.distributed import all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, parallelize
+from forge.errors import is_rank_zero, run_main
+from forge.metrics import MetricsLog, NonFiniteLossError
+from forge.optim import build_optimizer
+from forge.precision import autocast, enable_tf32, resolve_dtype
+from model import GPT, GPTConfig, build_model, device_peak_flops
+
+EVAL_SEED_OFFSET = 1_000_003  # evaluation batches: their own fixed stream, never the training batches
+
+
+def main(cfg: TrainConfig) -> None:
+    # -------------------------------------------------------------------- config and processes
+    dist = init_distributed(cfg.device, backend=None if cfg.backend == "auto" else cfg.backend)
+    log = MetricsLog(cfg.out_dir, enabled=dist.is_main)
+    stop = StopRequest()
+    loaders = []
+    try:
+        grad_accum = accumulation_per_rank(cfg.gradient_accumulation_steps, dist.world_size)
+        tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+        dtype = resolve_dtype(cfg.dtype, dist.device)
+        device_type = torch.device(dist.device).type
+        seed_everything(cfg.seed + dist.rank)
+        enable_tf32()
+        ctx = autocast(dist.device, dtype)
+        log.info(f"{dist.world_size} process(es) on {dist.device}, {dtype}; {tokens_per_iter:,} tokens per iteration "
+                 f"({cfg.gradient_accumulation_steps} x {cfg.batch_size} x {cfg.block_size})")
+
+        init, ckpt = resolve_init(cfg.init_from, cfg.out_dir, cfg.eval_only)
+        if ckpt is not None and ckpt.get("iter_num", 0) >= cfg.max_iters and not cfg.eval_only:
+            log.info(f"{cfg.out_dir} already reached iter {ckpt['iter_num']} >= max_iters={cfg.max_iters}: nothing to do "
+                     "(raise --max_iters to train further)")
+            return
+
+        # -------------------------------------------------------------------- data
+        data_dir = cfg.data_dir or str(Path("data") / cfg.dataset)
+        meta = load_meta(data_dir)
+        train_batches = TokenBatches(data_dir, "train", cfg.batch_size, cfg.block_size,
+                                     grad_accum_steps=cfg.gradient_accumulation_steps, rank=dist.rank,
+                                     world_size=dist.world_size, seed=cfg.seed, device=dist.device)
+        eval_batches = {split: TokenBatches(data_dir, split, cfg.batch_size, cfg.block_size,
+                                            seed=cfg.seed + EVAL_SEED_OFFSET, device=dist.device)
+                        for split in ("train", "val")}
+        loaders = [train_batches, *eval_batches.values()]
+
+        # -------------------------------------------------------------------- model
+        model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta))
+        model.to(dist.device)
+        scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
+        module = parallelize(model, dist, parallelism=cfg.parallelism, compile=cfg.compile,
+                             activation_checkpointing=cfg.activation_checkpointing)
+        optimizer = build_optimizer(model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate,
+                                    (cfg.beta1, cfg.beta2), device_type)
+        iter_num, best_val_loss, wandb_run_id = 0, math.inf, None
+        if ckpt is not None:
+            exact = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,
+                                           loader=train_batches, rank=dist.rank, world_size=dist.world_size)
+            iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", math.inf)
+            wandb_run_id = ckpt.get("wandb_run_id")
+            log.info(f"resuming from {cfg.out_dir} at iter {iter_num}" +
+                     ("" if exact else " (world size changed: random streams restart, so not bit-exact)"))
+            ckpt = None  # free the memory
+        log.info(f"{model_type} model, {model.get_num_params() / 1e6:.2f}M parameters")
+
+        # -------------------------------------------------------------------- logging
+        if not cfg.eval_only:  # eval_only writes nothing
+            log.write_config(config_dict(cfg))
+            log.start(iter_num)
+            if cfg.wandb_log:
+                wandb_run_id = log.start_wandb(cfg.wandb_project, cfg.wandb_run_name, config_dict(cfg), wandb_run_id)
+        peak_flops = cfg.peak_flops or device_peak_flops(dist.device, dtype)
+        bad_step = torch.full((), -1, dtype=torch.long, device=dist.device)  # first non-finite step, -1: none
+
+        def save(reason: str) -> None:
+            raise_if_nonfinite(bad_step, cfg.out_dir)  # a diverged model never replaces a good checkpoint
+            path = save_training_state(
+                cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, loader=train_batches,
+                keep_last=cfg.keep_last, write=dist.is_main, model_args=model_args, model_type=model_type,
+                iter_num=iter_num, best_val_loss=best_val_loss, config=config_dict(cfg), wandb_run_id=wandb_run_id)
+            log.info(f"saved checkpoint to {path} ({reason})")
+
+        # -------------------------------------------------------------------- the loop
+        start_iter = iter_num
+        timer_start, timer_steps = time.time(), 0
+        while True:
+            lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) \
+                if cfg.decay_lr else cfg.learning_rate
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+
+            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
+                losses = evaluate(module, eval_batches, cfg.eval_iters, ctx, dist.rank, dist.world_size)
+                log.log_eval(iter_num, losses["train"], losses["val"], lr)
+                if cfg.eval_only:
+                    break
+                if iter_num > start_iter and (losses["val"] < best_val_loss or cfg.always_save_checkpoint):
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    save(f"val loss {losses['val']:.4f}")
+                timer_start, timer_steps = time.time(), 0
+            if iter_num >= cfg.max_iters:
+                break
+
+            loss, grad_norm = train_step(module, optimizer, scaler, train_batches, grad_accum, ctx, cfg.grad_clip)
+            finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())  # fp16: scaler skips inf grads
+            bad_step = torch.where((bad_step < 0) & ~finite, iter_num, bad_step)
+            timer_steps += 1
+
+            if iter_num % cfg.log_interval == 0:  # the only host-device sync of a training step
+                loss_mean, grad_norm_mean, bad, bad_at = all_reduce_mean(
+                    torch.stack([loss.float(), grad_norm.float(), (bad_step >= 0).float(),
+                                 (bad_step >= 0) * bad_step.float()])).tolist()
+                if bad:
+                    raise_nonfinite(round(bad_at / bad), cfg.out_dir)
+                dt = (time.time() - timer_start) / timer_steps
+                mfu = model.estimate_mfu(tokens_per_iter / dist.world_size, dt, peak_flops) if peak_flops else None
+                log.log_step(iter_num, loss_mean, lr, grad_norm_mean, dt * 1000, tokens_per_iter / dt, mfu)
+                timer_start, timer_steps = time.time(), 0
+            iter_num += 1
+
+            if any_rank(stop.requested):  # preemption or Ctrl-C: finish this step, save, exit 0
+                save(f"stopped by {stop.signal_name or 'a signal on another rank'}")
+                log.info(f"stopped at iter {iter_num}; continue with --init_from=resume (or auto)")
+                break
+    finally:
+        for loader in loaders:
+            loader.close()
+        log.close()
+        stop.restore()
+        destroy()
+
+
+# ------------------------------------------------------------------------ the pieces of main
+
+
+def accumulation_per_rank(gradient_accumulation_steps: int, world_size: int) -> int:
+    """Micro-steps each rank runs per optimizer step (the global count is split across ranks)."""
+    if gradient_accumulation_steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
+                          f"{world_size} processes: make it a multiple of {world_size} (it counts all ranks' micro-steps)")
+    return gradient_accumulation_steps // world_size
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def resolve_init(init_from: str, out_dir: str, eval_only: bool = False):
+    """('scratch' | 'resume' | pretrained name or dir, checkpoint dict or None); never plans to overwrite a run."""
+    exists = has_checkpoint(out_dir)
+    if init_from == "auto":
+        init_from = "resume" if exists else "scratch"
+    if init_from == "resume":
+        if not exists:
+            raise CheckpointError(f"init_from=resume but {Path(out_dir) / 'ckpt.pt'} does not exist: use "
+                                  "--init_from=scratch (or auto) to start a run, or point --out_dir at an existing one")
+        return "resume", load_checkpoint(out_dir)
+    if init_from != "scratch" and not (init_from.startswith("gpt2") or Path(init_from).is_dir()):
+        raise ConfigError(f"init_from={init_from!r} is not scratch, resume, auto, a GPT-2 name (gpt2, gpt2-medium, "
+                          "gpt2-large, gpt2-xl) or a local Hugging Face GPT-2 directory")
+    if exists and not eval_only:
+        raise CheckpointError(f"{Path(out_dir) / 'ckpt.pt'} already exists and init_from={init_from} would overwrite "
+                              "it: continue it with --init_from=resume (or auto), or choose another --out_dir")
+    return init_from, None
+
+
+def model_vocab_size(meta: dict) -> int:
+    """The dataset's vocabulary, rounded up to a multiple of 64 for BPE (faster matmuls; char vocabularies stay exact)."""
+    vocab_size = meta["vocab_size"]
+    return vocab_size if meta["tokenizer"] == "char" else -(-vocab_size // 64) * 64
+
+
+def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int):
+    """(raw model, model_args, model_type): built from the config, rebuilt from a checkpoint, or GPT-2 weights."""
+    if init == "resume":
+        check_checkpoint_matches(cfg, ckpt, vocab_size)
+        model_args, model_type = dict(ckpt["model_args"]), ckpt["model_type"]
+        model_args["dropout"] = cfg.dropout  # not a shape: the config's value applies to the rest of the run
+        model = build_model(model_type, model_args)
+        load_model_weights(model, ckpt["model"], Path(cfg.out_dir) / "ckpt.pt")
+        return model, model_args, model_type
+    if init == "scratch":
+        names = {f.name for f in dataclasses.fields(GPTConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
+        model_args = {name: getattr(cfg, name) for name in sorted(names)} | {"vocab_size": vocab_size}
+        return build_model(cfg.model_type, model_args), model_args, cfg.model_type
+    if cfg.model_type != "gpt":
+        raise ConfigError(f"init_from={init} loads a GPT-2; model_type={cfg.model_type!r} cannot be fine-tuned from it")
+    model = GPT.from_pretrained(init, {"dropout": cfg.dropout})
+    if cfg.block_size > model.config.block_size:
+        raise ConfigError(f"block_size={cfg.block_size} is larger than {init}'s {model.config.block_size}; "
+                          f"use --block_size={model.config.block_size} or less")
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    if vocab_size > model.config.vocab_size:
+        raise ConfigError(f"the dataset's vocabulary ({vocab_size} ids) is larger than {init}'s "
+                          f"({model.config.vocab_size}): prepare the data with the GPT-2 tokenizer")
+    return model, dataclasses.asdict(model.config), "gpt"
+
+
+def check_checkpoint_matches(cfg: TrainConfig, ckpt: dict, vocab_size: int) -> None:
+    """A resumed run must have the model settings its checkpoint was trained with (dropout may change)."""
+    saved_config, saved_args = ckpt.get("config") or {}, ckpt["model_args"]
+    for name in ["model_type", *saved_args]:
+        if name in ("dropout", "vocab_size") or not hasattr(cfg, name):
+            continue
+        saved = saved_config.get(name, saved_args.get(name, ckpt.get(name)))
+        if saved is not None and saved != getattr(cfg, name):
+            raise CheckpointError(f"{Path(cfg.out_dir) / 'ckpt.pt'} was trained with {name}={saved!r} but the config "
+                                  f"says {name}={getattr(cfg, name)!r}: use the same model settings to resume, "
+                                  "or another --out_dir for a new run")
+    if vocab_size > saved_args.get("vocab_size", vocab_size):
+        raise CheckpointError(f"the dataset's vocabulary ({vocab_size}) is larger than the checkpoint's "
+                              f"({saved_args['vocab_size']}): resume on the dataset it was trained on")
+
+
+def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
+    """Linear warmup (never 0, even at step 0), then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def train_step(module, optimizer, scaler, batches, grad_accum: int, ctx, grad_clip: float):
+    """One optimizer step over grad_accum micro-batches: (mean loss, gradient norm before clipping), on device."""
+    loss_sum = 0.0
+    for micro_step in range(grad_accum):
+        x, y = batches.next()
+        with gradient_sync(module, enabled=(micro_step == grad_accum - 1)):  # all-reduce on the last only
+            with ctx:
+                _, loss = module(x, y)
+                loss = loss / grad_accum  # the gradients sum over micro-steps: scale to their mean
+            scaler.scale(loss).backward()
+        loss_sum = loss_sum + loss.detach()
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, full_tensor(grad_norm)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (FSDP2's sharded gradient norm); other tensors unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@torch.no_grad()
+def evaluate(module, eval_batches: dict, eval_iters: int, ctx, rank: int, world_size: int) -> dict:
+    """Mean loss over the same eval_iters batches of each split every time, split across ranks.
+
+    Rank r takes batches r, r + W, ...; every rank runs the same number of forwards (padding with
+    weight 0) so collective forwards (FSDP) stay in step, then sums and counts are all-reduced.
+    """
+    module.eval()
+    losses = {}
+    for split, batches in eval_batches.items():
+        total = torch.zeros(2, device=batches.device)  # [sum of losses, number of batches]
+        for k in range(rank, -(-eval_iters // world_size) * world_size, world_size):
+            x, y = batches.get_batch(k % eval_iters, 0)
+            with ctx:
+                _, loss = module(x, y)
+            weight = float(k < eval_iters)
+            total += torch.stack([loss.float() * weight, torch.tensor(weight, device=total.device)])
+        total = all_reduce_mean(total)
+        losses[split] = (total[0] / total[1]).item()
+    module.train()
+    return losses
+
+
+def raise_if_nonfinite(bad_step: torch.Tensor, out_dir: str) -> None:
+    bad, bad_at = all_reduce_mean(torch.stack([(bad_step >= 0).float(), (bad_step >= 0) * bad_step.float()])).tolist()
+    if bad:
+        raise_nonfinite(round(bad_at / bad), out_dir)
+
+
+def raise_nonfinite(step: int, out_dir: str) -> None:
+    raise NonFiniteLossError(f"the loss or gradient norm became NaN/inf at iter {step}; stopped without saving, so the "
+                             f"last good checkpoint in {out_dir} is untouched: lower learning_rate, set grad_clip, "
+                             "or use bfloat16/float32")
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        if is_rank_zero():
+            print(f"{self.signal_name} received: finishing this step, then saving a checkpoint", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(load_config(sys.argv[1:])))
