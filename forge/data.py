@@ -206,7 +206,7 @@ class TokenBatches:
     def _cpu_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         windows = np.stack([self.tokens[i:i + self.block_size + 1] for i in self.window_offsets(step, micro_step)])
         windows = torch.from_numpy(windows.astype(np.int64))
-        return windows[:, :-1], windows[:, 1:]
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # model.py views them flat
 
     def get_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 (batch_size, block_size) on the device: global micro-step `micro_step` of `step`."""
@@ -270,7 +270,7 @@ class SequentialWindows:
     losses where y != -1 and all-reduce the sums and counts.
     """
 
-    def __init__(self, data_dir, split, block_size, batch_size, *, rank=0, world_size=1, device="cpu"):
+    def __init__(self, data_dir, split, block_size, batch_size, *, rank=0, world_size=1, device="cpu", max_targets=0):
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
         self.block_size, self.batch_size = block_size, batch_size
@@ -280,6 +280,8 @@ class SequentialWindows:
         if len(self.tokens) < 2:
             raise DataError(f"{Path(data_dir) / f'{split}.bin'} has {len(self.tokens)} token: nothing to predict")
         self.num_targets = len(self.tokens) - 1  # every token but the first
+        if max_targets > 0:  # a quick run: only the first max_targets targets (evaluate.py --limit_tokens)
+            self.num_targets = min(self.num_targets, max_targets)
         self.num_windows = -(-self.num_targets // block_size)
         num_batches = -(-self.num_windows // batch_size)
         self.batches_per_rank = -(-num_batches // world_size)
@@ -302,6 +304,7 @@ class SequentialWindows:
             yield self._batch(i * self.world_size + self.rank)
 
 
-def sequential_windows(data_dir, split, block_size, batch_size, rank=0, world_size=1, device="cpu"):
-    """The whole split as deterministic sequential windows for this rank (see SequentialWindows)."""
-    return SequentialWindows(data_dir, split, block_size, batch_size, rank=rank, world_size=world_size, device=device)
+def sequential_windows(data_dir, split, block_size, batch_size, rank=0, world_size=1, device="cpu", max_targets=0):
+    """The whole split (or its first max_targets targets) as deterministic sequential windows for this rank."""
+    return SequentialWindows(data_dir, split, block_size, batch_size, rank=rank, world_size=world_size, device=device,
+                             max_targets=max_targets)
