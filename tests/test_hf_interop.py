@@ -1,6 +1,7 @@
 """GPT-2 import and export against Hugging Face transformers (a test-only reference), on small
 randomly initialised models saved to temporary directories: no download needed."""
 import json
+import sys
 
 import pytest
 import torch
@@ -155,3 +156,43 @@ def test_from_pretrained_bad_inputs_name_the_culprit(tmp_path):
     (corrupt / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ModelError, match="not a readable safetensors file"):
         GPT.from_pretrained(corrupt)
+
+
+def test_from_pretrained_by_name_downloads_config_and_safetensors(tmp_path, monkeypatch):
+    """The hub path, offline: hf_hub_download is pointed at a small local checkpoint."""
+    import huggingface_hub
+
+    hf = make_hf_model()
+    hub_dir = save_hf(hf, tmp_path / "hub", "safetensors")
+    requests = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        requests.append((repo_id, filename))
+        return str(hub_dir / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.chdir(tmp_path)  # no local directory called gpt2-medium here
+    model = GPT.from_pretrained("gpt2-medium")
+    assert requests == [("openai-community/gpt2-medium", "config.json"), ("openai-community/gpt2-medium", "model.safetensors")]
+    idx = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(our_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
+
+    def offline(repo_id, filename, **kwargs):
+        raise OSError("Max retries exceeded with url\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(ModelError, match=r"could not download 'gpt2' .*Max retries exceeded with url\); check") as info:
+        GPT.from_pretrained("gpt2")
+    assert "\n" not in str(info.value)
+
+
+def test_missing_hub_packages_say_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=r"pip install -e '\.\[hf\]'"):
+        GPT.from_pretrained("gpt2")
+    model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ModelError, match=r"pip install -e '\.\[hf\]'"):
+        model.save_pretrained(tmp_path / "export")
+    assert not (tmp_path / "export").exists()

@@ -6,6 +6,7 @@ import torch
 from torch.nn import functional as F
 
 import model as model_module
+from tests.util import assert_clean_error, run_py
 from model import (
     GPT,
     PEAK_FLOPS,
@@ -316,3 +317,9 @@ def test_build_model():
         build_model("llama", SMALL)
     with pytest.raises(ModelError, match="n_lyer"):
         build_model("gpt", dict(SMALL, n_lyer=3))
+
+
+def test_model_error_is_one_clean_line_under_run_main():
+    script = "from forge.errors import run_main; from model import GPTConfig; run_main(lambda: GPTConfig(n_embd=100, n_head=12))"
+    proc = run_py("-c", script)
+    assert_clean_error(proc, "n_embd=100", "n_head=12")
