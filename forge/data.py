@@ -19,16 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from forge.errors import UserError
+from forge.tokenize import DTYPES, GPT2_VOCAB_SIZE, DataError
 
-GPT2_VOCAB_SIZE = 50257
-DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 # nanoGPT's OpenWebText folder has no metadata: GPT-2 BPE in uint16 is what it means.
 DEFAULT_META = {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "dtype": "uint16"}
-
-
-class DataError(UserError):
-    """Missing, incomplete or unusable prepared data, or input that cannot be prepared."""
 
 
 def prepare_hint(data_dir) -> str:
@@ -148,8 +142,8 @@ def _check_length(tokens: np.ndarray, path, block_size: int) -> None:
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
-        # pinned host memory lets the copy overlap with compute (non_blocking)
-        return x.pin_memory().to(device, non_blocking=True)
+        # from pinned host memory the copy overlaps with compute (non_blocking)
+        return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
     return x.to(device)
 
 

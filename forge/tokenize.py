@@ -19,11 +19,19 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from forge.data import DTYPES, GPT2_VOCAB_SIZE, DataError
 from forge.errors import UserError
 
+GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256
 UINT16_VOCAB_LIMIT = 1 << 16  # ids 0..65535 fit uint16
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # bins are little-endian on every machine
+
+
+class DataError(UserError):
+    """Missing, incomplete or unusable data, or input that cannot be prepared (also forge.data.DataError).
+
+    Defined here so the prepare scripts, which import only this module, never pay for importing torch.
+    """
 
 
 # ----------------------------------------------------------------------------- tokenizers

@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a plain checkout
 
-from forge.data import DataError  # noqa: E402
 from forge.errors import run_main  # noqa: E402
-from forge.tokenize import ArgumentParser, PreparedFolder, default_num_proc, gpt2_meta, tokenize_to_bin  # noqa: E402
+from forge.tokenize import (ArgumentParser, DataError, PreparedFolder, default_num_proc, gpt2_meta,  # noqa: E402
+                            tokenize_to_bin)
 
 HERE = Path(__file__).resolve().parent
 HUB_DATASET = "Skylion007/openwebtext"  # the hub id that the old short name "openwebtext" redirects to
