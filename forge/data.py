@@ -274,6 +274,8 @@ class SequentialWindows:
         if len(self.tokens) < 2:
             raise DataError(f"{Path(data_dir) / f'{split}.bin'} has {len(self.tokens)} token: nothing to predict")
         self.num_targets = len(self.tokens) - 1  # every token but the first
+        if max_targets:
+            self.num_targets = min(self.num_targets, max_targets)
         if max_targets > 0:  # a quick run: only the first max_targets targets (evaluate.py --limit_tokens)
             self.num_targets = min(self.num_targets, max_targets)
         self.num_windows = -(-self.num_targets // block_size)

@@ -196,6 +196,13 @@ def test_sequential_windows_predict_every_token_once(tmp_path, world_size):
     assert sorted(targets) == tokens[1:].tolist()
 
 
+def test_sequential_windows_max_targets(tmp_path):
+    folder = make_folder(tmp_path / "seq", np.arange(1, 104))
+    windows = sequential_windows(folder, "val", block_size=8, batch_size=4, max_targets=20)
+    targets = [t for _, y in windows for t in y[y != -1].tolist()]
+    assert targets == list(range(2, 22)) and len(windows) == 1
+
+
 def test_char_tokenizer_names_unknown_characters():
     tokenizer = get_tokenizer({"tokenizer": "char", "vocab_size": 3, "itos": ["a", "b", "c"]})
     assert tokenizer.encode("cab") == [2, 0, 1] and tokenizer.decode([2, 0, 1]) == "cab"
