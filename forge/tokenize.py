@@ -11,6 +11,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import urllib.request
 from collections import deque
 from pathlib import Path
@@ -193,6 +194,11 @@ def _init_worker(meta: dict, append_eot: bool) -> None:
     _worker.update(tokenizer=tokenizer, dtype=DTYPES[meta["dtype"]], meta_dtype=meta["dtype"], append_eot=append_eot)
 
 
+def _init_pool_worker(meta: dict, append_eot: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
+    _init_worker(meta, append_eot)
+
+
 def _encode_chunk(chunk) -> tuple[np.ndarray, int, int]:
     """One chunk -> (its ids in the output dtype, documents it completes, characters). Ids that do not fit
     the dtype are an error, never a silent wrap."""
@@ -216,7 +222,7 @@ def _ordered_map(chunks, num_proc: int, initargs: tuple):
         _init_worker(*initargs)
         yield from map(_encode_chunk, chunks)
         return
-    with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=initargs) as pool:
+    with multiprocessing.Pool(num_proc, initializer=_init_pool_worker, initargs=initargs) as pool:
         pending = deque()
         for chunk in chunks:  # read in this process, so errors in the documents surface here
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
