@@ -440,6 +440,9 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
     """Load a full optimizer state dict saved by any world size (or a classic index-keyed one)."""
     model = unwrap(model)
     state_dict = _name_keyed_optimizer_state(model, optimizer, state_dict)
+    if all(p.device.type == "cpu" for p in model.parameters()):
+        # On the CPU torch would adopt these tensors as the live state (and step them in place).
+        state_dict = _cloned(state_dict)
     # torch initialises an empty optimizer's state with a zero-lr step, which it skips if gradients exist.
     optimizer.zero_grad(set_to_none=True)
     with _collective_errors("loading the optimizer state"):
@@ -455,7 +458,7 @@ def _name_keyed_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimiz
     groups = state_dict.get("param_groups", [])
     if not groups or not all(isinstance(p, int) for g in groups for p in g.get("params", [])):
         return state_dict
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    names = {id(p): n for n, p in model.named_parameters()}  # a tied parameter: its first name, as torch keys it
     ordered = [p for g in optimizer.param_groups for p in g["params"]]
     saved_ids = [i for g in groups for i in g["params"]]
     if len(saved_ids) != len(ordered):
@@ -468,3 +471,14 @@ def _name_keyed_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimiz
         "state": {id_to_name[i]: s for i, s in state_dict.get("state", {}).items()},
         "param_groups": [{**g, "params": [id_to_name[i] for i in g["params"]]} for g in groups],
     }
+
+
+def _cloned(obj):
+    """A copy of nested dicts/lists/tuples with every tensor cloned."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _cloned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cloned(v) for v in obj)
+    return obj
