@@ -51,6 +51,15 @@ class GPTConfig:
     n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # dropout probability (0 for pretraining, try 0.1+ for fine-tuning)
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2; False is a bit better and faster
+    # Architecture options beyond GPT-2 (modern recipes, e.g. modded-nanogpt); all off by default.
+    rotary: bool = False  # rotary position embeddings (RoPE) on queries and keys; no learned wpe table
+    rotary_base: float = 10000.0  # RoPE base: rotation i turns by rotary_base ** (-2i / head size) per position
+    rmsnorm: bool = False  # RMSNorm (scale only, no mean subtraction, no bias) instead of LayerNorm
+    qk_norm: bool = False  # normalise each head's queries and keys before attention (stabler at high lr)
+    mlp: str = "gelu"  # "gelu" (GPT-2's 4x GELU), "relu2" (4x ReLU squared) or "swiglu" (gated SiLU, ~same params)
+    untied_head: bool = False  # a separate lm_head matrix instead of reusing the token embedding
+    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero, so every block starts as identity
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), bounding them smoothly; 0 is off
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -64,10 +73,51 @@ class GPTConfig:
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                 f"choose n_embd as a multiple of n_head (e.g. n_embd={self.n_head * 64})"
             )
+        if self.rotary and (self.n_embd // self.n_head) % 2 != 0:
+            raise ModelError(
+                f"rotary needs an even head size, but n_embd/n_head = {self.n_embd // self.n_head}: "
+                "change n_embd or n_head"
+            )
+        if self.rotary_base <= 0:
+            raise ModelError(f"rotary_base={self.rotary_base!r} must be positive")
+        if self.mlp not in MLP_KINDS:
+            raise ModelError(f"mlp={self.mlp!r} is not one of {', '.join(map(repr, MLP_KINDS))}")
+        if self.logit_softcap < 0:
+            raise ModelError(f"logit_softcap={self.logit_softcap!r} must be >= 0 (0 turns it off)")
+
+
+MLP_KINDS = ("gelu", "relu2", "swiglu")
 
 
 # ---------------------------------------------------------------------------------------------
 # The transformer
+
+
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    """GPT-2's LayerNorm, or RMSNorm when config.rmsnorm (used for ln_1, ln_2, ln_f and QK-norm)."""
+    if config.rmsnorm:
+        return nn.RMSNorm(dim, eps=1e-5)
+    return nn.LayerNorm(dim, eps=1e-5, bias=config.bias)
+
+
+def rotary_cos_sin(pos, head_size, base):
+    """cos and sin (T, hs/2) of the rotary angles pos * base ** (-2i / hs), in float32.
+
+    Computed on the fly (it is tiny), so there is no buffer to checkpoint, move or cast.
+    """
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device=pos.device) / head_size)
+    angles = pos.float()[:, None] * inv_freq[None, :]  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x[i], x[i + hs/2]) of x (B, nh, T, hs) by their position's angles.
+
+    q . k then depends on the positions only through their difference (relative positions).
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
 
 
 class KVCache:
@@ -116,13 +166,21 @@ class CausalSelfAttention(nn.Module):
         # output projection back into the residual stream
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # QK-norm option: per-head norms on queries and keys keep attention logits bounded
+        head_size = config.n_embd // config.n_head
+        self.q_norm = make_norm(config, head_size) if config.qk_norm else None
+        self.k_norm = make_norm(config, head_size) if config.qk_norm else None
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rope=None):
         B, T, C = x.size()  # batch, sequence length, n_embd
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # rotary option: (cos, sin) of these T positions
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, pos+T, hs)
         # softmax(q k^T / sqrt(hs)) v, causal within the new tokens; flash/memory-efficient kernels
@@ -137,14 +195,29 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # the tanh approximation is what GPT-2 was trained with (Hugging Face's "gelu_new")
-        self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        hidden = 4 * config.n_embd
+        fc_out = hidden
+        if config.mlp == "swiglu":
+            # two thirds of 4x (rounded up to a multiple of 64 for fast matmuls) keeps about the
+            # parameter count of the 4x MLP; c_fc makes the gate and the value in one matmul
+            hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+            fc_out = 2 * hidden
+        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
+        if self.kind == "gelu":
+            # the tanh approximation is what GPT-2 was trained with (Hugging Face's "gelu_new")
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:  # swiglu
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -152,13 +225,13 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -255,25 +328,27 @@ class GPT(LanguageModel):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
-            )
-        )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embedding
+        if not config.rotary:  # GPT-2: a learned vector per position (rotary rotates q and k instead)
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules["drop"] = nn.Dropout(config.dropout)
+        modules["h"] = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        modules["ln_f"] = make_norm(config, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (https://paperswithcode.com/method/weight-tying): the same matrix maps
-        # tokens to vectors and vectors to logits, as in GPT-2; it also saves vocab x n_embd params
-        self.transformer.wte.weight = self.lm_head.weight
+        if not config.untied_head:
+            # weight tying (https://paperswithcode.com/method/weight-tying): the same matrix maps
+            # tokens to vectors and vectors to logits, as in GPT-2; it saves vocab x n_embd params
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2 scales the projections into the residual stream by 1/sqrt(2 * n_layer) (two per
         # block), so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -284,14 +359,18 @@ class GPT(LanguageModel):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding=True):
-        """Number of parameters; non_embedding=True leaves out the position table.
+        """Number of parameters; non_embedding=True leaves out the lookup-only tables.
 
-        The token embedding is counted because, tied to the LM head, its matrix does a matmul
-        for every token; a position lookup does none. This is the N of flops_per_token().
+        Those are the position table and, with an untied head, the token embedding. A token
+        embedding tied to the LM head is counted: its matrix does a matmul for every token, a
+        lookup does none. This is the N of flops_per_token().
         """
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n_params -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n_params -= self.transformer.wpe.weight.numel()
+            if self.config.untied_head:
+                n_params -= self.transformer.wte.weight.numel()
         return n_params
 
     def forward(self, idx, targets=None, kv_cache=None):
@@ -309,20 +388,27 @@ class GPT(LanguageModel):
                 f"crop it to the last {self.config.block_size} tokens"
             )
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.wte(idx)  # token embeddings (B, T, C)
+        rope = None
+        if self.config.rotary:  # positions enter attention as rotations of q and k
+            rope = rotary_cos_sin(pos, self.config.n_embd // self.config.n_head, self.config.rotary_base)
+        else:
+            x = x + self.transformer.wpe(pos)  # position embeddings (T, C), broadcast over the batch
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            x = block(x, kv_cache, rope)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if targets is None:
+            x = x[:, [-1], :]  # inference: only the last position's logits; the list keeps the time dim
+        logits = self.lm_head(x)  # (B, T, V) or (B, 1, V)
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        loss = None
         if targets is not None:
-            logits = self.lm_head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        else:
-            logits = self.lm_head(x[:, [-1], :])  # (B, 1, V); the list index keeps the time dim
-            loss = None
         return logits, loss
 
     @torch.no_grad()
@@ -365,7 +451,8 @@ class GPT(LanguageModel):
                 f"block_size={self.config.block_size} (a model cannot be grown this way)"
             )
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:  # (rotary has no position table to crop)
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def flops_per_token(self):
         """FLOPs of one training token (forward + backward), as in the PaLM paper, appendix B.
@@ -388,7 +475,9 @@ class GPT(LanguageModel):
         format (config.json + model.safetensors or pytorch_model.bin, possibly sharded).
 
         override_args may set 'dropout' (e.g. for fine-tuning) and 'block_size' (<= the
-        checkpoint's, cropped with crop_block_size). transformers is not needed.
+        checkpoint's, cropped with crop_block_size). A checkpoint with tie_word_embeddings=false
+        loads as an untied_head model. transformers is not needed. A local directory wins over a
+        model name when both exist.
         """
         override_args = dict(override_args or {})
         unknown = sorted(set(override_args) - {"dropout", "block_size"})
@@ -415,6 +504,7 @@ class GPT(LanguageModel):
             n_embd=hf_config["n_embd"],
             dropout=override_args.get("dropout", 0.0),
             bias=True,
+            untied_head=not hf_config.get("tie_word_embeddings", True),
         )
         model = cls(config)
         model._load_hf_state_dict(_read_state_dict(checkpoint_dir), checkpoint_dir)
@@ -426,20 +516,18 @@ class GPT(LanguageModel):
         """Copy a Hugging Face GPT-2 state dict into this model, checking every name and shape."""
         # keys are "transformer.h.0..." when saved from GPT2LMHeadModel, "h.0..." from GPT2Model
         hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
-        # attention-mask buffers of older checkpoints, and the LM head, which is tied to wte
+        # attention-mask buffers of older checkpoints are not weights
         hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        hf_sd.pop("lm_head.weight", None)
         sd = self.state_dict()
-        expected = {k.removeprefix("transformer."): k for k in sd if k != "lm_head.weight"}
+        expected = {k.removeprefix("transformer."): k for k in sd}
+        if not self.config.untied_head:  # the LM head is wte itself (some files store it again)
+            hf_sd.pop("lm_head.weight", None)
+            del expected["lm_head.weight"]
         missing = sorted(set(expected) - set(hf_sd))
         extra = sorted(set(hf_sd) - set(expected))
         if missing or extra:
-            raise ModelError(
-                f"{checkpoint_dir} is not a GPT-2 checkpoint: "
-                + (f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "")
-                + ("; " if missing and extra else "")
-                + (f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}" if extra else "")
-            )
+            problems = [f"{what} {_first_few(names)}" for what, names in (("missing", missing), ("unexpected", extra)) if names]
+            raise ModelError(f"{checkpoint_dir} is not a GPT-2 checkpoint: {'; '.join(problems)}")
         with torch.no_grad():
             for hf_name, tensor in hf_sd.items():
                 name = expected[hf_name]
@@ -458,8 +546,9 @@ class GPT(LanguageModel):
 
         transformers.GPT2LMHeadModel.from_pretrained(save_dir) (and GPT.from_pretrained) load it.
         vocab_size: the tokenizer's true vocabulary (e.g. 50257) to drop the rows this model was
-        padded with (50304); default: all of them. bias=False models export zero biases.
-        The write is atomic (a temporary directory, then a rename). save_dir must be new, empty,
+        padded with (50304); default: all of them. bias=False models export zero biases, and
+        untied_head models tie_word_embeddings=false with their lm_head. The other architecture
+        options have no GPT-2 equivalent and are refused. The write is atomic (a temporary directory, then a rename). save_dir must be new, empty,
         or an earlier export (holding only config.json and model.safetensors, which are replaced);
         anything else is refused so that nothing of the user's is overwritten.
         """
@@ -468,6 +557,22 @@ class GPT(LanguageModel):
         except ImportError:
             raise ModelError("exporting GPT-2 weights needs safetensors: pip install -e '.[hf]'") from None
         cfg = self.config
+        not_gpt2 = [
+            option
+            for option, used in [
+                ("rotary", cfg.rotary),
+                ("rmsnorm", cfg.rmsnorm),
+                ("qk_norm", cfg.qk_norm),
+                (f"mlp={cfg.mlp!r}", cfg.mlp != "gelu"),
+                ("logit_softcap", cfg.logit_softcap > 0),
+            ]
+            if used
+        ]
+        if not_gpt2:
+            raise ModelError(
+                f"cannot export to GPT-2 format: this model uses {', '.join(not_gpt2)}, which GPT-2 does not "
+                "have; save_pretrained exports GPT-2-architecture models only (untied_head and zero_init_proj are fine)"
+            )
         vocab_size = cfg.vocab_size if vocab_size is None else vocab_size
         if not 1 <= vocab_size <= cfg.vocab_size:
             raise ModelError(f"vocab_size={vocab_size} must be between 1 and the model's {cfg.vocab_size}")
@@ -479,18 +584,17 @@ class GPT(LanguageModel):
             )
         tensors = {}
         for name, tensor in self.state_dict().items():
-            if name == "lm_head.weight":  # tied to wte; HF re-ties it on load
+            if name == "lm_head.weight" and not cfg.untied_head:  # tied to wte; HF re-ties it on load
                 continue
             if name.endswith(HF_CONV1D_WEIGHTS):
                 tensor = tensor.t()
-            if name == "transformer.wte.weight":
+            if name in ("transformer.wte.weight", "lm_head.weight"):
                 tensor = tensor[:vocab_size]
             tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
-        if not cfg.bias:  # HF GPT-2 always has biases: zeros make it compute what we compute
-            for name, tensor in list(tensors.items()):
-                if name.endswith(".weight") and not name.endswith(("wte.weight", "wpe.weight")):
-                    out_dim = tensor.shape[-1] if name.endswith(HF_CONV1D_WEIGHTS) else tensor.shape[0]
-                    tensors[name.removesuffix(".weight") + ".bias"] = torch.zeros(out_dim)
+            # HF GPT-2 always has biases in its blocks and ln_f: zeros compute what we compute
+            if not cfg.bias and name.startswith(("transformer.h.", "transformer.ln_f.")):
+                out_dim = tensor.shape[-1] if name.endswith(HF_CONV1D_WEIGHTS) else tensor.shape[0]
+                tensors[name.removesuffix(".weight") + ".bias"] = torch.zeros(out_dim)
         hf_config = {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
@@ -510,7 +614,7 @@ class GPT(LanguageModel):
             "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": not cfg.untied_head,
             # GPT-2's <|endoftext|>, when the vocabulary is GPT-2's; none for e.g. characters
             "bos_token_id": GPT2_EOT if vocab_size > GPT2_EOT else None,
             "eos_token_id": GPT2_EOT if vocab_size > GPT2_EOT else None,
@@ -579,7 +683,6 @@ def _read_gpt2_config(checkpoint_dir):
         "n_inner": (hf_config.get("n_inner"), (None, 4 * hf_config.get("n_embd", 0))),
         "scale_attn_weights": (hf_config.get("scale_attn_weights", True), (True,)),
         "scale_attn_by_inverse_layer_idx": (hf_config.get("scale_attn_by_inverse_layer_idx", False), (False,)),
-        "tie_word_embeddings": (hf_config.get("tie_word_embeddings", True), (True,)),
     }
     for key, (value, allowed) in unsupported.items():
         if value not in allowed:
@@ -633,6 +736,10 @@ def _read_weights_file(path):
     except Exception as exc:  # truncated zip, pickle with code in it (refused by weights_only), ...
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"{path} is not a readable PyTorch weights file ({first_line})") from None
+
+
+def _first_few(names, n=3):
+    return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
 def _is_replaceable_export(path):

@@ -196,3 +196,16 @@ def test_missing_hub_packages_say_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match=r"pip install -e '\.\[hf\]'"):
         model.save_pretrained(tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_untied_head_exports_and_imports(tmp_path):
+    model = make_our_model(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, untied_head=True)
+    model.save_pretrained(tmp_path / "export", vocab_size=60)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["tie_word_embeddings"] is False
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    idx = torch.randint(0, 60, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(hf_logits(hf, idx), our_logits(model, idx)[..., :60], atol=1e-4, rtol=0)
+    reloaded = GPT.from_pretrained(tmp_path / "export")  # tie_word_embeddings=false: untied_head
+    assert reloaded.config.untied_head
+    torch.testing.assert_close(our_logits(reloaded, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
