@@ -112,6 +112,9 @@ def main(cfg: EvalConfig) -> None:
         loaded = load_for_inference(cfg.out_dir, cfg.init_from, dist.device, cfg.meta)
         model = loaded.model
         say(f"evaluating {loaded.source} on {dist.world_size} process(es), {dist.device}, {dtype}")
+        if cfg.hellaswag:  # a char model or a bad file fails before the (long) loss pass
+            check_tokenizer(loaded.meta["tokenizer"])
+            examples = load_hellaswag(cfg.input or None, cfg.cache_dir, cfg.limit or None)
 
         if cfg.loss:
             block_size = cfg.block_size or model.config.block_size
@@ -119,9 +122,9 @@ def main(cfg: EvalConfig) -> None:
                 raise ConfigError(f"block_size={block_size} is longer than the model's context "
                                   f"({model.config.block_size}); use {model.config.block_size} or less")
             data_dir = eval_data_dir(cfg, loaded.data_dir)
-            check_same_tokenizer(load_meta(data_dir), loaded.meta, data_dir, loaded.source)
             windows = sequential_windows(data_dir, cfg.split, block_size, cfg.batch_size, rank=dist.rank,
                                          world_size=dist.world_size, device=dist.device, max_targets=cfg.limit_tokens)
+            check_same_tokenizer(load_meta(data_dir), loaded.meta, data_dir, loaded.source)
             t0 = time.time()
             loss_sum, n_tokens = split_loss(model, windows, ctx, dist.world_size)
             loss = loss_sum / n_tokens
@@ -129,8 +132,6 @@ def main(cfg: EvalConfig) -> None:
                 f"{n_tokens:,} tokens (windows of {block_size}; {time.time() - t0:.1f}s)")
 
         if cfg.hellaswag:
-            check_tokenizer(loaded.meta["tokenizer"])
-            examples = load_hellaswag(cfg.input or None, cfg.cache_dir, cfg.limit or None)
             t0 = time.time()
             acc, acc_norm = hellaswag_accuracy(model, examples, loaded.tokenizer, dist.device, dist.rank,
                                                dist.world_size, batch_size=cfg.batch_size, autocast=ctx)

@@ -105,22 +105,30 @@ def test_long_rows_keep_their_last_block_size_tokens():
     assert n.item() == 2 and cropped.item() == pytest.approx(full.item(), rel=1e-6)  # a bigram needs one token back
 
 
-def _two_rank_worker(rank, store_path, examples, results):
+def _two_rank_worker(rank, store_path, jsonl, results):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     try:
-        results[rank] = hellaswag_accuracy(_model(), examples, WordTokenizer(), "cpu", rank=rank, world_size=2, batch_size=1)
+        try:
+            load_hellaswag(jsonl + ".missing")
+        except HellaSwagError as exc:  # rank 0 finds the problem, every rank raises it
+            results[f"error{rank}"] = str(exc)
+        examples = load_hellaswag(jsonl)
+        results[rank] = hellaswag_accuracy(_model(), examples, WordTokenizer(), "cpu", rank=rank, world_size=2,
+                                           batch_size=1)
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ranks_sum_their_counts(tmp_path):
     examples = [LONG_VS_SHORT, DOG, {**DOG, "label": 0}]  # 3 examples: rank 1 runs a discarded dummy batch
+    jsonl = _write_jsonl(tmp_path / "hs.jsonl", [json.dumps(ex) for ex in examples])
     results = mp.Manager().dict()
-    mp.spawn(_two_rank_worker, args=(str(tmp_path / "store"), examples, results), nprocs=2)
+    mp.spawn(_two_rank_worker, args=(str(tmp_path / "store"), str(jsonl), results), nprocs=2)
     expected = hellaswag_accuracy(_model(), examples, WordTokenizer(), "cpu")
     assert results[0] == results[1] == expected == pytest.approx((1 / 3, 2 / 3))
+    assert results["error0"] == results["error1"] and "hs.jsonl.missing not found" in results["error0"]
 
 
 def _write_jsonl(path, lines):
