@@ -69,10 +69,10 @@ def _read_legacy_pickle(path: Path) -> dict:
 
 
 def _validated(meta: dict, path: Path) -> dict:
-    """meta with defaults filled in (dtype uint16), or a DataError naming the bad field."""
+    """meta with defaults filled in (uint16; char if it has itos, else gpt2), or a DataError naming the bad field."""
     if not isinstance(meta, dict):
         raise DataError(f"{path} must hold a JSON object; re-run the dataset's prepare.py")
-    meta = {"dtype": "uint16", **meta}
+    meta = {"dtype": "uint16", "tokenizer": "char" if "itos" in meta else "gpt2", **meta}
     if meta.get("dtype") not in DTYPES:
         raise DataError(f"{path}: dtype {meta.get('dtype')!r} is not one of {sorted(DTYPES)}")
     if meta.get("tokenizer") not in ("char", "gpt2"):
