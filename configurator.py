@@ -61,8 +61,20 @@ class TrainConfig:
     n_embd: int = 768  # embedding width
     dropout: float = 0.0  # dropout probability; 0 for pretraining, try 0.1+ for fine-tuning
     bias: bool = False  # bias in Linear and LayerNorm layers (GPT-2 has them)
+    rotary: bool = False  # rotary position embeddings on queries and keys instead of a learned position table
+    rotary_base: float = 10000.0  # RoPE base (with rotary)
+    rmsnorm: bool = False  # RMSNorm instead of LayerNorm
+    qk_norm: bool = False  # normalise each head's queries and keys before attention
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"  # MLP: GPT-2's 4x GELU, 4x ReLU squared, or SwiGLU
+    untied_head: bool = False  # a separate LM head matrix instead of reusing the token embedding
+    zero_init_proj: bool = False  # attention and MLP output projections start at zero (blocks start as identity)
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 is off
     # optimizer
     optimizer: str = "adamw"  # 'adamw' or 'muon' (forge/optim.py)
+    muon_lr: float = 0.02  # Muon's lr for the hidden matrices at peak; follows the schedule as lr * muon_lr / learning_rate
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay on the hidden matrices
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update
     learning_rate: float = 6e-4  # peak learning rate
     max_iters: int = 600000  # total optimizer steps
     weight_decay: float = 0.1  # AdamW weight decay on 2-D weights

@@ -73,7 +73,9 @@ def main(cfg: TrainConfig) -> None:
         module = parallelize(model, dist, parallelism=cfg.parallelism, compile=cfg.compile,
                              activation_checkpointing=cfg.activation_checkpointing)
         optimizer = build_optimizer(model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate,
-                                    (cfg.beta1, cfg.beta2), device_type)
+                                    (cfg.beta1, cfg.beta2), device_type, muon_lr=cfg.muon_lr,
+                                    muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
+                                    muon_ns_steps=cfg.muon_ns_steps)
         iter_num, best_val_loss, wandb_run_id = 0, math.inf, None
         if ckpt is not None:
             exact = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,

@@ -12,6 +12,7 @@ folder fsync'ed): a crash at any moment leaves the old checkpoint or the new one
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -138,11 +139,13 @@ def load_checkpoint(out_dir_or_path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
-            raise CheckpointError(f"refusing to load {path}: it contains pickled objects that would run code when "
-                                  "loaded (only tensors and plain values are allowed); it is not a gptforge "
-                                  "checkpoint or it comes from an untrusted source") from None
-        raise CheckpointError(f"checkpoint {path} is corrupt ({_first_line(exc)}); delete it or restore a good copy") from None
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if code:  # weights_only refused a reference to a class or function: loading it would run code
+            raise CheckpointError(f"refusing to load {path}: it holds a pickled {code.group(1)}, which would run code "
+                                  "when loaded (checkpoints hold only tensors and plain values); it is not a gptforge "
+                                  "checkpoint, or it comes from an untrusted source") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a valid checkpoint file); "
+                              "delete it or restore a good copy") from None
     except Exception as exc:  # zip errors, EOF, bad magic: truncated or not a checkpoint at all
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_first_line(exc)}); "
                               "delete it or restore a good copy") from None

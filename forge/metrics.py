@@ -8,6 +8,8 @@ read_metrics() and repaired at the next start.
 """
 import json
 import math
+import secrets
+import string
 import subprocess
 import time
 from pathlib import Path
@@ -80,9 +82,13 @@ class MetricsLog:
         """out_dir/config.json: the resolved config and the git commit (atomic); logs both. Returns the commit."""
         commit = git_commit()
         if self.enabled:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             payload = json.dumps({"git_commit": commit, "config": config}, indent=2) + "\n"
-            atomic_write(self.out_dir / CONFIG_NAME, lambda f: f.write(payload.encode("utf-8")))
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write(self.out_dir / CONFIG_NAME, lambda f: f.write(payload.encode("utf-8")))
+            except OSError as exc:
+                raise UserError(f"cannot write to out_dir {self.out_dir}: {exc.strerror or exc}; "
+                                "choose a writable --out_dir") from None
             self.info(f"git commit {commit}; config: " + json.dumps(config, separators=(", ", "=")))
         return commit
 
@@ -133,7 +139,7 @@ class MetricsLog:
         except ImportError:
             raise UserError("wandb_log=True but the wandb package is not installed: pip install wandb, "
                             "or set --wandb_log=False") from None
-        run_id = run_id or wandb.util.generate_id()
+        run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._wandb_run = wandb.init(project=project, name=run_name, config=config, id=run_id, resume="allow",

@@ -61,3 +61,27 @@ def gpt2_encoding():
 @pytest.fixture
 def repo_root():
     return REPO
+
+
+def make_char_dataset(folder, text: str, val_fraction: float = 0.1):
+    """A character-level data folder as prepare.py writes it: uint16 train.bin / val.bin and meta.json."""
+    import json
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    itos = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(itos)}
+    ids = np.array([stoi[ch] for ch in text], dtype="<u2")
+    n = int(len(ids) * (1 - val_fraction))
+    ids[:n].tofile(folder / "train.bin")
+    ids[n:].tofile(folder / "val.bin")
+    meta = {"vocab_size": len(itos), "tokenizer": "char", "dtype": "uint16", "itos": itos}
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_char_data(tmp_path_factory, shakespeare_text):
+    """A small character-level data folder (the first 20,000 characters of Tiny Shakespeare); read-only."""
+    return make_char_dataset(tmp_path_factory.mktemp("tiny_char"), shakespeare_text[:20_000])

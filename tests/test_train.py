@@ -1,0 +1,286 @@
+"""train.py end to end on tiny CPU runs: learning, a golden loss trace, exact resume, SIGTERM, divergence, bad input."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from configurator import TrainConfig
+from forge.checkpoint import CheckpointError, load_checkpoint
+from forge.metrics import NonFiniteLossError, read_metrics
+from forge.precision import PrecisionError, resolve_dtype
+from tests.util import REPO, assert_clean_error, run_py, snapshot
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, gradient_accumulation_steps=2, bias=True,
+            dropout=0.1, max_iters=8, lr_decay_iters=8, warmup_iters=2, learning_rate=1e-2, min_lr=1e-3,
+            eval_interval=4, eval_iters=2, log_interval=1, device="cpu", dtype="float32", compile=False)
+
+
+# One intra-op thread: these models are tiny, and on a busy 2-core machine OpenMP's spinning threads
+# make every step hundreds of times slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(out_dir, data_dir, **overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY, "out_dir": str(out_dir), "data_dir": str(data_dir), **overrides})
+
+
+def cli(out_dir, data_dir, **overrides) -> list:
+    return [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}"
+            for k, v in {**TINY, "out_dir": str(out_dir), "data_dir": str(data_dir), **overrides}.items()]
+
+
+def step_losses(out_dir) -> dict:
+    return {r["iter"]: r["loss"] for r in read_metrics(out_dir / "metrics.jsonl") if "loss" in r}
+
+
+def eval_losses(out_dir) -> dict:
+    return {r["iter"]: (r["train_loss"], r["val_loss"]) for r in read_metrics(out_dir / "metrics.jsonl")
+            if "val_loss" in r}
+
+
+def test_get_lr_warms_up_from_nonzero_then_decays_to_min_lr():
+    lrs = [train.get_lr(it, 1.0, 10, 100, 0.1) for it in range(120)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[100] == lrs[119] == 0.1
+    assert train.get_lr(0, 1.0, 0, 0, 0.1) == 0.1  # no warmup, no decay window: min_lr, no division by zero
+
+
+def test_loss_falls_and_records_are_written(tmp_path, tiny_char_data):
+    out = tmp_path / "out"
+    train.main(tiny_config(out, tiny_char_data, max_iters=30, lr_decay_iters=30, eval_interval=15, dropout=0.0))
+    evals = eval_losses(out)
+    assert sorted(evals) == [0, 15, 30]
+    assert evals[30][1] < evals[0][1] - 0.5, evals  # val loss fell well below the initial ~ln(vocab)
+    records = read_metrics(out / "metrics.jsonl")
+    step = next(r for r in records if "loss" in r)
+    assert {"iter", "loss", "lr", "grad_norm", "ms", "tokens_per_sec", "mfu"} <= set(step)
+    assert all("time_s" in r for r in records if "val_loss" in r)
+    config = __import__("json").loads((out / "config.json").read_text())
+    assert config["config"]["max_iters"] == 30 and config["git_commit"]
+    ckpt = load_checkpoint(out)
+    assert ckpt["iter_num"] == 30 and ckpt["best_val_loss"] == pytest.approx(evals[30][1])
+    assert {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config",
+            "model_type", "scaler", "rng", "data", "wandb_run_id"} <= set(ckpt)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+
+
+# The first losses of a deterministic run (seed 1337, the tiny data, float32 CPU): a change in the model's
+# initialisation, the batches, the loss or the optimizer shows up here.
+GOLDEN_LOSSES = [4.088856, 3.959483, 3.833070, 3.574055, 3.580082]
+
+
+def test_golden_loss_trace(tmp_path, tiny_char_data):
+    out = tmp_path / "out"
+    train.main(tiny_config(out, tiny_char_data, max_iters=5, eval_interval=100))
+    losses = [step_losses(out)[i] for i in range(5)]
+    print(losses)
+    assert losses == pytest.approx(GOLDEN_LOSSES, rel=1e-4, abs=1e-4)
+
+
+def test_exact_resume_matches_uninterrupted_run(tmp_path, tiny_char_data):
+    full, half = tmp_path / "full", tmp_path / "half"
+    train.main(tiny_config(full, tiny_char_data))
+    train.main(tiny_config(half, tiny_char_data, max_iters=4))
+    assert load_checkpoint(half)["iter_num"] == 4
+    train.main(tiny_config(half, tiny_char_data, init_from="resume"))
+    a, b = load_checkpoint(full), load_checkpoint(half)
+    assert a["iter_num"] == b["iter_num"] == 8
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for name, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][name][key])), (name, key)
+    # the resumed run's metrics.jsonl reads as one run: same losses, no step twice
+    assert step_losses(full) == step_losses(half)
+    assert eval_losses(full) == eval_losses(half)
+    iters = [r["iter"] for r in read_metrics(half / "metrics.jsonl") if "loss" in r]
+    assert iters == sorted(set(iters)) == list(range(8))
+
+
+def test_resume_of_a_finished_run_only_says_so(tmp_path, tiny_char_data, capsys):
+    out = tmp_path / "out"
+    train.main(tiny_config(out, tiny_char_data, max_iters=2))
+    before = snapshot(out)
+    train.main(tiny_config(out, tiny_char_data, max_iters=2, init_from="auto"))
+    assert "nothing to do" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
+def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, tiny_char_data):
+    out = tmp_path / "out"
+    train.main(tiny_config(out, tiny_char_data, max_iters=4))
+    before = snapshot(out / "ckpt.pt")
+    # an absurd learning rate diverges; no log line before the save, so the check before saving must catch it
+    cfg = tiny_config(out, tiny_char_data, init_from="resume", max_iters=12, learning_rate=1e30, decay_lr=False,
+                      grad_clip=0.0, log_interval=1000, eval_interval=4)
+    with pytest.raises(NonFiniteLossError, match=r"at iter \d+") as excinfo:
+        train.main(cfg)
+    step = int(str(excinfo.value).split("at iter ")[1].split(";")[0])
+    assert 4 <= step < 8
+    assert snapshot(out / "ckpt.pt") == before
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_zero(tmp_path, tiny_char_data):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **ONE_THREAD}
+    proc = subprocess.Popen([sys.executable, "train.py", *cli(out, tiny_char_data, max_iters=100_000, eval_interval=1000,
+                                                              lr_decay_iters=100_000)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(step_losses(out)) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout + stderr
+    assert "Traceback" not in stderr and "stopped at iter" in stdout
+    ckpt = load_checkpoint(out)
+    stopped_at = ckpt["iter_num"]
+    assert stopped_at >= 3
+    train.main(tiny_config(out, tiny_char_data, init_from="auto", max_iters=stopped_at + 2, lr_decay_iters=100_000,
+                           eval_interval=1000))
+    assert load_checkpoint(out)["iter_num"] == stopped_at + 2
+    iters = [r["iter"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert iters == list(range(stopped_at + 2))
+
+
+def test_eval_only_evaluates_and_writes_nothing(tmp_path, tiny_char_data, capsys):
+    out = tmp_path / "out"
+    train.main(tiny_config(out, tiny_char_data, max_iters=4))
+    before = snapshot(out)
+    train.main(tiny_config(out, tiny_char_data, init_from="resume", eval_only=True))
+    assert "step 4: train loss" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
+def test_wandb_offline_writes_files_and_resume_keeps_the_run(tmp_path, tiny_char_data, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "out"
+    train.main(tiny_config(out, tiny_char_data, max_iters=2, wandb_log=True, wandb_project="gptforge-test"))
+    run_id = load_checkpoint(out)["wandb_run_id"]
+    assert run_id
+    train.main(tiny_config(out, tiny_char_data, max_iters=4, wandb_log=True, wandb_project="gptforge-test",
+                           init_from="resume"))
+    assert load_checkpoint(out)["wandb_run_id"] == run_id
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    assert all((r / f"run-{run_id}.wandb").is_file() for r in runs)
+
+
+def test_gradient_accumulation_must_split_across_ranks():
+    assert train.accumulation_per_rank(8, 4) == 2
+    with pytest.raises(train.ConfigError, match="gradient_accumulation_steps=8 is not divisible by the 3"):
+        train.accumulation_per_rank(8, 3)
+
+
+def test_dtype_resolution(monkeypatch):
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(PrecisionError, match="float16 needs a GPU"):
+        resolve_dtype("float16", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    assert resolve_dtype("auto", "cuda") == torch.float16
+    with pytest.raises(PrecisionError, match="dtype=bfloat16 but Tesla V100 has no bfloat16"):
+        resolve_dtype("bfloat16", "cuda")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_char_data):
+    """A finished tiny run (iter 2) to resume from or corrupt."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    train.main(tiny_config(out, tiny_char_data, max_iters=2))
+    return out
+
+
+def _copy_run(trained, tmp_path):
+    import shutil
+
+    return shutil.copytree(trained, tmp_path / "run")
+
+
+def _bad_checkpoint(kind, path):
+    if kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "corrupt":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "foreign":
+        torch.save({"weights": torch.zeros(2)}, path)
+    elif kind == "pickle_code":
+        torch.save({"model": {}, "payload": _Evil()}, path)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("truncated", "truncated or corrupt"),
+    ("corrupt", "truncated or corrupt"),
+    ("empty", "is empty"),
+    ("foreign", "not a training checkpoint"),
+    ("pickle_code", "would run code"),
+])
+def test_bad_checkpoint_is_a_clean_error(trained, tmp_path, tiny_char_data, kind, needle):
+    run = _copy_run(trained, tmp_path)
+    _bad_checkpoint(kind, run / "ckpt.pt")
+    before = snapshot(run)
+    proc = run_py("train.py", *cli(run, tiny_char_data, init_from="resume", max_iters=4), env=ONE_THREAD)
+    assert_clean_error(proc, "ckpt.pt", needle)
+    assert "this must never run" not in proc.stdout
+    assert snapshot(run) == before
+
+
+def test_bad_inputs_are_clean_errors(trained, tmp_path, tiny_char_data):
+    """Each bad input: non-zero exit, one `error:` line naming the culprit, nothing written or changed."""
+    run = _copy_run(trained, tmp_path)
+    bad_config = tmp_path / "bad.py"
+    bad_config.write_text("n_layer = 2\nlearning_rat = 1e-3\n")
+    cases = [
+        (cli(run, tiny_char_data, max_iters=4) + ["--n_layr=3"], ["n_layr", "n_layer"]),
+        (cli(run, tiny_char_data, max_iters=4) + ["--max_iters=four"], ["max_iters", "int"]),
+        ([str(tmp_path / "missing_config.py")], ["missing_config.py", "not found"]),
+        ([str(bad_config)], ["learning_rat", "learning_rate"]),
+        (cli(run, tmp_path / "no_data", max_iters=4, init_from="resume"), ["no_data"]),
+        (cli(tmp_path / "fresh", tiny_char_data, init_from="resume"), ["init_from=resume", "ckpt.pt"]),
+        (cli(run, tiny_char_data, init_from="scratch", max_iters=4), ["already exists", "init_from=resume"]),
+        (cli(run, tiny_char_data, init_from="resume", max_iters=4, n_layer=3), ["n_layer=2", "n_layer=3"]),
+        (cli(tmp_path / "fresh", tiny_char_data, block_size=5000), ["block_size"]),
+        (cli(tmp_path / "fresh", tiny_char_data, device="cuda"), ["device"]),
+        (cli(tmp_path / "fresh", tiny_char_data, dtype="float16"), ["float16"]),
+        (cli(tmp_path / "fresh", tiny_char_data, init_from="gpt3"), ["init_from", "gpt3"]),
+        (cli(run / "config.json" / "sub", tiny_char_data), ["config.json"]),  # out_dir under a file
+    ]
+    before = snapshot(tmp_path)
+    for args, needles in cases:
+        assert_clean_error(run_py("train.py", *args, env=ONE_THREAD), *needles)
+        assert snapshot(tmp_path) == before, args
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_help_lists_every_key():
+    proc = run_py("train.py", "--help", check=True)
+    for field in TrainConfig.__dataclass_fields__:
+        assert f"--{field}=" in proc.stdout
+    assert "peak learning rate" in proc.stdout
