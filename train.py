@@ -80,10 +80,10 @@ def main(cfg: TrainConfig) -> None:
         if ckpt is not None:
             exact = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,
                                            loader=train_batches, rank=dist.rank, world_size=dist.world_size)
-            iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", math.inf)
+            iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt.get("best_val_loss", math.inf))
             wandb_run_id = ckpt.get("wandb_run_id")
             log.info(f"resuming from {cfg.out_dir} at iter {iter_num}" +
-                     ("" if exact else " (world size changed: random streams restart, so not bit-exact)"))
+                     ("" if exact else " (no saved random state for this world size: dropout streams restart)"))
             ckpt = None  # free the memory
         log.info(f"{model_type} model, {model.get_num_params() / 1e6:.2f}M parameters")
 

@@ -1,0 +1,147 @@
+"""forge/checkpoint.py: atomic saves, history, safe and clear loading, RNG state, old nanoGPT checkpoints."""
+import errno
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from forge import checkpoint
+from forge.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from model import GPT, GPTConfig
+from tests.test_train import tiny_config
+from tests.util import snapshot
+
+ARGS = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, dropout=0.0, bias=True)
+
+
+def state(iter_num=1, **extra):
+    torch.manual_seed(iter_num)
+    model = GPT(GPTConfig(**ARGS))
+    return {"model": model.state_dict(), "model_args": dict(ARGS), "iter_num": iter_num, "best_val_loss": 1.0,
+            "config": {}, **extra}
+
+
+def test_save_is_atomic_and_keeps_numbered_history(tmp_path):
+    for it in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, state(it), keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-3.pt", "ckpt-4.pt", "ckpt.pt"]
+    assert load_checkpoint(tmp_path)["iter_num"] == 4
+    assert load_checkpoint(tmp_path / "ckpt-3.pt")["iter_num"] == 3
+    save_checkpoint(tmp_path, state(5))  # keep_last=0 leaves the history alone
+    assert load_checkpoint(tmp_path / "ckpt-4.pt")["iter_num"] == 4
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, state(1))
+    before = snapshot(tmp_path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device; the previous checkpoint is intact"):
+        save_checkpoint(tmp_path, state(2))
+    assert snapshot(tmp_path) == before  # no temporary file left behind either
+
+
+def test_out_dir_that_cannot_be_created_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="cannot save the checkpoint in .*file/out"):
+        save_checkpoint(tmp_path / "file" / "out", state(1))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "no checkpoint at"),
+    ("empty", "is empty"),
+    ("truncated", "truncated or corrupt"),
+    ("garbage", "truncated or corrupt"),
+    ("not_a_dict", "not a training checkpoint"),
+    ("no_model", "not a training checkpoint"),
+    ("code", "holds a pickled .*print.*would run code"),
+])
+def test_unloadable_checkpoints_are_clear_errors(tmp_path, kind, message, capsys):
+    path = tmp_path / "ckpt.pt"
+    if kind != "missing":
+        save_checkpoint(tmp_path, state(1))
+        data = path.read_bytes()
+        if kind == "empty":
+            path.write_bytes(b"")
+        elif kind == "truncated":
+            path.write_bytes(data[: len(data) // 3])
+        elif kind == "garbage":
+            path.write_bytes(b"\x80\x02garbage" * 50)
+        elif kind == "not_a_dict":
+            torch.save([torch.zeros(1)], path)
+        elif kind == "no_model":
+            torch.save({"weights": torch.zeros(1)}, path)
+        elif kind == "code":
+            torch.save({"model": {}, "payload": _RunsCode()}, path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path)
+    assert "this must never run" not in capsys.readouterr().out
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_prefixes_are_stripped_and_load_model_rebuilds(tmp_path):
+    s = state(1)
+    s["model"] = {f"_orig_mod.module.{k}": v for k, v in s["model"].items()}
+    torch.save(s, tmp_path / "ckpt.pt")
+    model, ckpt = load_model(tmp_path, "cpu")
+    assert not model.training and ckpt["model_type"] == "gpt"
+    reference = state(1)["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+
+
+def test_load_model_rejects_weights_of_another_shape(tmp_path):
+    s = state(1)
+    s["model_args"] = {**ARGS, "n_embd": 32}
+    save_checkpoint(tmp_path, s)
+    with pytest.raises(CheckpointError, match=r"does not fit the model \(shape of"):
+        load_model(tmp_path)
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    np.random.normal()  # a cached gaussian is part of numpy's state
+    save_checkpoint(tmp_path, {**state(1), "rng": checkpoint.gather_rng_states()})
+    expected = (torch.rand(3), np.random.rand(3), random.random(), np.random.normal())
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    assert checkpoint.restore_rng_states(load_checkpoint(tmp_path)["rng"], rank=0, world_size=1)
+    got = (torch.rand(3), np.random.rand(3), random.random(), np.random.normal())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2:] == expected[2:]
+    assert not checkpoint.restore_rng_states(load_checkpoint(tmp_path)["rng"], rank=0, world_size=2)
+
+
+def test_old_nanogpt_checkpoint_resumes(tmp_path, tiny_char_data):
+    """A checkpoint as nanoGPT wrote it: compiled-model prefixes, index-keyed optimizer, no rng/data/scaler."""
+    cfg = tiny_config(tmp_path / "old", tiny_char_data, dropout=0.0, max_iters=6)
+    vocab = train.model_vocab_size(train.load_meta(tiny_char_data))
+    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                      bias=cfg.bias, vocab_size=vocab, dropout=0.0)
+    model = GPT(GPTConfig(**model_args))
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
+    _, loss = model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
+    loss.backward()
+    optimizer.step()
+    nanogpt_config = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "block_size": cfg.block_size,
+                      "bias": cfg.bias, "dataset": "shakespeare_char", "batch_size": 12}
+    cfg_dir = tmp_path / "old"
+    cfg_dir.mkdir()
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": 4,
+                "best_val_loss": torch.tensor(3.5), "config": nanogpt_config}, cfg_dir / "ckpt.pt")
+    train.main(tiny_config(cfg_dir, tiny_char_data, dropout=0.0, max_iters=6, init_from="resume"))
+    resumed = load_checkpoint(cfg_dir)
+    assert resumed["iter_num"] == 6 and set(resumed["rng"][0]) >= {"torch", "numpy", "python"}
+    assert resumed["data"]["step"] == 6
