@@ -7,6 +7,10 @@ head tied to the token embedding. Parameter names follow Hugging Face's GPT-2 (w
 ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, ln_f, lm_head), so OpenAI's weights
 load with a transpose and nothing else.
 
+Options in GPTConfig, all off by default, turn it into a modern recipe (rotary positions,
+RMSNorm, QK-norm, ReLU^2 or SwiGLU MLPs, an untied head, zero-initialised projections, logit
+soft-capping); each is a small, named branch, so the GPT-2 path reads as before.
+
 Also here: KV-cache sampling (stream / generate), GPT-2 import (from_pretrained) and export
 (save_pretrained) in Hugging Face format, MFU accounting with a table of GPU peaks, and a bigram
 baseline. Only torch is needed at import time (huggingface_hub and safetensors are imported
@@ -40,6 +44,9 @@ class ModelError(ValueError):
     """
 
     user_error = True
+
+
+MLP_KINDS = ("gelu", "relu2", "swiglu")  # the values GPTConfig.mlp may take
 
 
 @dataclass
@@ -86,9 +93,6 @@ class GPTConfig:
             raise ModelError(f"logit_softcap={self.logit_softcap!r} must be >= 0 (0 turns it off)")
 
 
-MLP_KINDS = ("gelu", "relu2", "swiglu")
-
-
 # ---------------------------------------------------------------------------------------------
 # The transformer
 
@@ -123,9 +127,10 @@ def apply_rotary(x, cos, sin):
 class KVCache:
     """Keys and values of the tokens seen so far, one preallocated buffer pair per layer.
 
-    It takes a prefill from position 0 and then one token at a time: with learned absolute
-    positions a cached key is only valid while the context window starts where it did, so when
-    the window slides (past block_size) the caller starts a new cache instead.
+    It takes a prefill from position 0 and then one token at a time. Its entries are only valid
+    while the context window starts where it did: once the window slides (past block_size) each
+    entry has a new position and, in every layer but the first, was computed from tokens that
+    have left the window. So the caller then starts a new cache (GPT.stream does).
     """
 
     def __init__(self, n_layer: int, max_len: int):
@@ -419,8 +424,8 @@ class GPT(LanguageModel):
         tokens, as the context is whenever it grows past block_size (what nanoGPT's generate does).
         KV cache: the prompt is prefilled once, then each step runs the model on one token. Once
         the context is longer than block_size, the window slides by one token per step and every
-        cached key (computed at an older position) is stale, so each such step re-prefills the
-        cropped window: the output always equals running forward() on the cropped context.
+        cached entry is stale (see KVCache), so each such step re-prefills the cropped window, with
+        every architecture option: the output always equals forward() on the cropped context.
         Runs with dropout off (eval mode) and restores the module's mode afterwards.
         temperature=0 is greedy; top_k / top_p / generator: see sample_next_token().
         """

@@ -6,7 +6,6 @@ import torch
 from torch.nn import functional as F
 
 import model as model_module
-from tests.util import assert_clean_error, run_py
 from model import (
     GPT,
     PEAK_FLOPS,
@@ -18,18 +17,21 @@ from model import (
     peak_flops_for_gpu_name,
     sample_next_token,
 )
+from tests.util import assert_clean_error, run_py
 
 SMALL = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
 
 
-def make_gpt(seed=0, **overrides):
-    """A small GPT with weights ten times GPT-2's initial scale, so its logits are far from uniform
-    and greedy decoding has clear winners (no ties that float noise could flip)."""
+def make_gpt(seed=0, scale=10.0, **overrides):
+    """A small GPT with its matrices `scale` times their initial size (plus a little noise, so
+    zero-initialised ones move too): logits far from uniform, so greedy decoding has clear
+    winners (no ties that float noise could flip)."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**{**SMALL, **overrides})).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(10)
+            if p.dim() >= 2:
+                p.mul_(scale).add_(0.05 * torch.randn_like(p))
     return model
 
 

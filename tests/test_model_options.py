@@ -7,8 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from model import GPT, MLP, GPTConfig, ModelError, apply_rotary, rotary_cos_sin
-
-SMALL = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+from tests.test_model import SMALL, make_gpt, reference_generate, tokens
 
 OPTIONS = {
     "rotary": dict(rotary=True),
@@ -21,29 +20,6 @@ OPTIONS = {
     "logit_softcap": dict(logit_softcap=5.0),
     "all": dict(rotary=True, rmsnorm=True, qk_norm=True, mlp="swiglu", untied_head=True, logit_softcap=5.0, bias=False),
 }
-
-
-def make_gpt(seed=0, scale=10.0, **overrides):
-    """A small GPT with weights `scale` times their initial values: decisive greedy choices."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**SMALL, **overrides})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(scale).add_(0.05 * torch.randn_like(p))  # the add: zero-initialised ones too
-    return model
-
-
-def tokens(*shape, seed=1):
-    return torch.randint(0, 50, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def reference_generate(model, idx, max_new_tokens):
-    """Greedy decoding without a cache, the context cropped to block_size each step."""
-    for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.config.block_size :])
-        idx = torch.cat((idx, logits[:, -1, :].argmax(dim=-1, keepdim=True)), dim=1)
-    return idx
 
 
 def test_options_are_off_by_default():
