@@ -22,7 +22,8 @@ from configurator import ConfigError, TrainConfig, config_dict, load_config
 from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, load_model_weights,
                               restore_training_state, save_training_state)
 from forge.data import TokenBatches, load_meta
-from forge.distributed import all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, parallelize
+from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, parallelize,
+                               restart_count)
 from forge.errors import is_rank_zero, run_main
 from forge.metrics import MetricsLog, NonFiniteLossError
 from forge.optim import build_optimizer
@@ -34,7 +35,8 @@ EVAL_SEED_OFFSET = 1_000_003  # evaluation batches: their own fixed stream, neve
 
 def main(cfg: TrainConfig) -> None:
     # -------------------------------------------------------------------- config and processes
-    dist = init_distributed(cfg.device, backend=None if cfg.backend == "auto" else cfg.backend)
+    dist = init_distributed(cfg.device, backend=None if cfg.backend == "auto" else cfg.backend,
+                            timeout_s=cfg.dist_timeout_s)
     log = MetricsLog(cfg.out_dir, enabled=dist.is_main)
     stop = StopRequest()
     loaders = []
@@ -43,7 +45,7 @@ def main(cfg: TrainConfig) -> None:
         tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
         dtype = resolve_dtype(cfg.dtype, dist.device)
         device_type = torch.device(dist.device).type
-        seed_everything(cfg.seed + dist.rank)
+        seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
         enable_tf32()
         ctx = autocast(dist.device, dtype)
         log.info(f"{dist.world_size} process(es) on {dist.device}, {dtype}; {tokens_per_iter:,} tokens per iteration "
@@ -69,9 +71,10 @@ def main(cfg: TrainConfig) -> None:
         # -------------------------------------------------------------------- model
         model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta))
         model.to(dist.device)
+        seed_everything(cfg.seed + dist.rank)  # from here on (dropout) every rank draws its own stream
         scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
         module = parallelize(model, dist, parallelism=cfg.parallelism, compile=cfg.compile,
-                             activation_checkpointing=cfg.activation_checkpointing)
+                             activation_checkpointing=cfg.activation_checkpointing, param_dtype=dtype)
         optimizer = build_optimizer(model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate,
                                     (cfg.beta1, cfg.beta2), device_type, muon_lr=cfg.muon_lr,
                                     muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
@@ -174,7 +177,7 @@ def seed_everything(seed: int) -> None:
 def resolve_init(init_from: str, out_dir: str, eval_only: bool = False):
     """('scratch' | 'resume' | pretrained name or dir, checkpoint dict or None); never plans to overwrite a run."""
     exists = has_checkpoint(out_dir)
-    if init_from == "auto":
+    if init_from == "auto" or (exists and restart_count() > 0):  # torchrun restarted us: continue the run
         init_from = "resume" if exists else "scratch"
     if init_from == "resume":
         if not exists:

@@ -81,7 +81,7 @@ def test_loss_falls_and_records_are_written(tmp_path, tiny_char_data):
 
 # The first losses of a deterministic run (seed 1337, the tiny data, float32 CPU): a change in the model's
 # initialisation, the batches, the loss or the optimizer shows up here.
-GOLDEN_LOSSES = [4.088856, 3.959483, 3.833070, 3.574055, 3.580082]
+GOLDEN_LOSSES = [4.086981, 3.950459, 3.831696, 3.562040, 3.583791]
 
 
 def test_golden_loss_trace(tmp_path, tiny_char_data):
