@@ -184,45 +184,42 @@ def _chunks(documents, chunk_chars: int):
         yield chunk
 
 
-_worker = {}  # per process: the tokenizer, dtype and EOT policy, set once by _init_worker
-
-
-def _init_worker(meta: dict, append_eot: bool) -> None:
-    tokenizer = get_tokenizer(meta)
-    if append_eot and tokenizer.eot_token is None:
-        raise DataError("a character vocabulary has no end-of-text token to put between documents")
-    _worker.update(tokenizer=tokenizer, dtype=DTYPES[meta["dtype"]], meta_dtype=meta["dtype"], append_eot=append_eot)
+_worker = {}  # per process: the (meta, append_eot) it works for and the tokenizer built from them
 
 
 def _init_pool_worker(meta: dict, append_eot: bool) -> None:
+    # nothing here may raise: a failing Pool initializer makes the pool respawn workers forever
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
-    _init_worker(meta, append_eot)
+    _worker.update(meta=meta, append_eot=append_eot)
 
 
 def _encode_chunk(chunk) -> tuple[np.ndarray, int, int]:
     """One chunk -> (its ids in the output dtype, documents it completes, characters). Ids that do not fit
     the dtype are an error, never a silent wrap."""
-    tokenizer, append_eot = _worker["tokenizer"], _worker["append_eot"]
+    if "tokenizer" not in _worker:  # built on first use, so an error reaches the main process through get()
+        _worker["tokenizer"] = get_tokenizer(_worker["meta"])
+    tokenizer, append_eot, dtype = _worker["tokenizer"], _worker["append_eot"], _worker["meta"]["dtype"]
     parts = []
     for ids, (_, ends_document) in zip(tokenizer.encode_batch([text for text, _ in chunk]), chunk):
         parts.append(np.asarray(ids, dtype=np.int64))
         if append_eot and ends_document:
             parts.append(np.array([tokenizer.eot_token], dtype=np.int64))
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    limit = np.iinfo(_worker["dtype"]).max
+    limit = np.iinfo(DTYPES[dtype]).max
     if len(ids) and ids.max() > limit:
-        raise DataError(f"token id {int(ids.max())} does not fit {_worker['meta_dtype']} (max {limit}); "
+        raise DataError(f"token id {int(ids.max())} does not fit {dtype} (max {limit}); "
                         "use dtype uint32 for vocabularies above 65,536 ids")
-    return ids.astype(_worker["dtype"]), sum(ends for _, ends in chunk), sum(len(text) for text, _ in chunk)
+    return ids.astype(DTYPES[dtype]), sum(ends for _, ends in chunk), sum(len(text) for text, _ in chunk)
 
 
-def _ordered_map(chunks, num_proc: int, initargs: tuple):
+def _ordered_map(chunks, num_proc: int, meta: dict, append_eot: bool):
     """_encode_chunk over chunks in input order, at most 2 * num_proc chunks in flight (bounded memory)."""
     if num_proc <= 1:
-        _init_worker(*initargs)
+        _worker.clear()
+        _worker.update(meta=meta, append_eot=append_eot)
         yield from map(_encode_chunk, chunks)
         return
-    with multiprocessing.Pool(num_proc, initializer=_init_pool_worker, initargs=initargs) as pool:
+    with multiprocessing.Pool(num_proc, initializer=_init_pool_worker, initargs=(meta, append_eot)) as pool:
         pending = deque()
         for chunk in chunks:  # read in this process, so errors in the documents surface here
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
@@ -241,18 +238,21 @@ class Written(NamedTuple):
 def tokenize_to_bin(documents, path, meta: dict, *, num_proc: int = 1, append_eot: bool = False,
                     chunk_chars: int = 1 << 18, total_documents: int | None = None,
                     desc: str | None = None) -> Written:
-    """Tokenize documents (str, or iterables of str parts) into the raw bin `path`, with the tokenizer and dtype of
-    `meta`; an EOT token after each document if append_eot. Returns what it wrote: tokens, documents
+    """Tokenize documents (str, or iterables of str parts) into the raw bin `path`, with the tokenizer and
+    dtype of `meta`; an EOT token after each document if append_eot. Returns what it wrote: tokens, documents
     and characters read.
 
     Writes `path` directly: call it on a PreparedFolder.temp() path so the bin appears only on commit.
     """
-    initargs = (meta, append_eot)
+    tokenizer = get_tokenizer(meta)  # fails here, once, if it cannot be loaded (e.g. GPT-2 BPE offline)
+    if append_eot and tokenizer.eot_token is None:
+        raise DataError("a character vocabulary has no end-of-text token to put between documents")
     num_tokens = num_documents = num_chars = 0
     path = Path(path)
-    with open(path, "wb") as f, tqdm(total=total_documents, desc=desc or path.name.removesuffix(".tmp"), unit="doc", delay=1.0,
-                                     dynamic_ncols=True) as bar:
-        for ids, finished, chars in _ordered_map(_chunks(documents, chunk_chars), num_proc, initargs):
+    bar = tqdm(total=total_documents, desc=desc or path.name.removesuffix(".tmp"), unit="doc", delay=1.0,
+               dynamic_ncols=True)
+    with open(path, "wb") as f, bar:
+        for ids, finished, chars in _ordered_map(_chunks(documents, chunk_chars), num_proc, meta, append_eot):
             f.write(ids.tobytes())
             num_tokens, num_documents, num_chars = num_tokens + len(ids), num_documents + finished, num_chars + chars
             bar.update(finished)
