@@ -531,7 +531,8 @@ class GPT(LanguageModel):
         missing = sorted(set(expected) - set(hf_sd))
         extra = sorted(set(hf_sd) - set(expected))
         if missing or extra:
-            problems = [f"{what} {_first_few(names)}" for what, names in (("missing", missing), ("unexpected", extra)) if names]
+            problems = [f"missing {_first_few(missing)}"] if missing else []
+            problems += [f"unexpected {_first_few(extra)}"] if extra else []
             raise ModelError(f"{checkpoint_dir} is not a GPT-2 checkpoint: {'; '.join(problems)}")
         with torch.no_grad():
             for hf_name, tensor in hf_sd.items():
@@ -553,7 +554,9 @@ class GPT(LanguageModel):
         vocab_size: the tokenizer's true vocabulary (e.g. 50257) to drop the rows this model was
         padded with (50304); default: all of them. bias=False models export zero biases, and
         untied_head models tie_word_embeddings=false with their lm_head. The other architecture
-        options have no GPT-2 equivalent and are refused. The write is atomic (a temporary directory, then a rename). save_dir must be new, empty,
+        options have no GPT-2 equivalent and are refused. Call it on an unsharded model (e.g. one
+        rebuilt from ckpt.pt), not on an FSDP-sharded one.
+        The write is atomic (a temporary directory, then a rename). save_dir must be new, empty,
         or an earlier export (holding only config.json and model.safetensors, which are replaced);
         anything else is refused so that nothing of the user's is overwritten.
         """
@@ -683,7 +686,10 @@ def _read_gpt2_config(checkpoint_dir):
         kind = hf_config.get("model_type") if isinstance(hf_config, dict) else None
         raise ModelError(f"{checkpoint_dir} is not a GPT-2 checkpoint: config.json has model_type {kind!r}, not 'gpt2'")
     unsupported = {
-        "activation_function": (hf_config.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")),
+        "activation_function": (
+            hf_config.get("activation_function", "gelu_new"),
+            ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # all three are the tanh approximation
+        ),
         "layer_norm_epsilon": (hf_config.get("layer_norm_epsilon", 1e-5), (1e-5,)),
         "n_inner": (hf_config.get("n_inner"), (None, 4 * hf_config.get("n_embd", 0))),
         "scale_attn_weights": (hf_config.get("scale_attn_weights", True), (True,)),
@@ -809,7 +815,8 @@ def build_model(model_type, model_args):
         unknown = sorted(set(model_args) - known)
         if unknown:
             raise ModelError(
-                f"unknown GPT model argument(s) {', '.join(unknown)}: the GPTConfig fields are {', '.join(sorted(known))}"
+                f"unknown GPT model argument(s) {', '.join(unknown)}: "
+                f"the GPTConfig fields are {', '.join(sorted(known))}"
             )
         return GPT(GPTConfig(**model_args))
     if model_type == "bigram":

@@ -14,7 +14,8 @@ pytest.importorskip("safetensors")
 # initializer_range 0.2 (not GPT-2's 0.02): activations large enough that an exact GELU instead of
 # the tanh one, or a wrong LayerNorm epsilon, moves the logits by more than the 1e-4 tolerance
 HF_SMALL = dict(
-    n_layer=2, n_head=4, n_embd=64, vocab_size=100, n_positions=32, initializer_range=0.2, bos_token_id=None, eos_token_id=None
+    n_layer=2, n_head=4, n_embd=64, vocab_size=100, n_positions=32, initializer_range=0.2,
+    bos_token_id=None, eos_token_id=None,
 )
 
 
@@ -173,7 +174,8 @@ def test_from_pretrained_by_name_downloads_config_and_safetensors(tmp_path, monk
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.chdir(tmp_path)  # no local directory called gpt2-medium here
     model = GPT.from_pretrained("gpt2-medium")
-    assert requests == [("openai-community/gpt2-medium", "config.json"), ("openai-community/gpt2-medium", "model.safetensors")]
+    repo = "openai-community/gpt2-medium"
+    assert requests == [(repo, "config.json"), (repo, "model.safetensors")]
     idx = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(our_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
 

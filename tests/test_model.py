@@ -322,6 +322,9 @@ def test_build_model():
 
 
 def test_model_error_is_one_clean_line_under_run_main():
-    script = "from forge.errors import run_main; from model import GPTConfig; run_main(lambda: GPTConfig(n_embd=100, n_head=12))"
+    script = (
+        "from forge.errors import run_main; from model import GPTConfig; "
+        "run_main(lambda: GPTConfig(n_embd=100, n_head=12))"
+    )
     proc = run_py("-c", script)
     assert_clean_error(proc, "n_embd=100", "n_head=12")
