@@ -1,0 +1,166 @@
+"""Crash consistency of training: kill -9 and SIGTERM at seeded random moments, then resume.
+
+One uninterrupted reference run (shared by the tests of this module) is compared, weight for weight,
+with runs that were killed over and over and resumed with init_from=auto each time.
+"""
+import json
+import random
+import re
+import signal
+import time
+
+import pytest
+import torch
+
+from forge.checkpoint import load_checkpoint
+from forge.metrics import read_metrics
+from tests.reliability.conftest import cli, wait_for
+
+MAX_ITERS = 80  # long enough that 20+ interruptions never finish the run early (each one progresses <= 6 steps)
+EVAL_INTERVAL = 2  # a checkpoint every 2 steps, so kills land inside saves
+KILL_SEED, MIN_KILLS = 7, 22
+TERM_SEED, TERMS = 11, 6
+RUN = dict(max_iters=MAX_ITERS, lr_decay_iters=MAX_ITERS, eval_interval=EVAL_INTERVAL, init_from="auto")
+
+
+def ckpt_temps(out_dir) -> list:
+    return sorted(out_dir.glob(".ckpt.pt.tmp.*"))
+
+
+@pytest.fixture(scope="module")
+def reference(forks, tmp_path_factory, tiny_char_data):
+    """The uninterrupted run, started at once and running alongside the interrupted ones; call it for
+    (out_dir, checkpoint, metrics records)."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    child = forks.start("train.py", *cli(out, tiny_char_data, **RUN))
+    result = []
+
+    def finished():
+        if not result:
+            code = forks.wait(child, 600)
+            assert code == 0, child.stdout() + child.stderr()
+            result.extend([out, load_checkpoint(out), read_metrics(out)])
+        return result
+
+    return finished
+
+
+def assert_same_run(out_dir, reference) -> None:
+    """The interrupted run ended where the reference did, with identical weights, optimizer and records."""
+    ref_dir, ref_ckpt, ref_records = reference()
+    ckpt = load_checkpoint(out_dir)
+    assert ckpt["iter_num"] == ref_ckpt["iter_num"] == MAX_ITERS
+    assert ckpt["model"].keys() == ref_ckpt["model"].keys()
+    for name, tensor in ref_ckpt["model"].items():
+        assert torch.equal(tensor, ckpt["model"][name]), f"weights differ from the uninterrupted run: {name}"
+    for index, state in ref_ckpt["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(ckpt["optimizer"]["state"][index][key])), key
+    # metrics.jsonl: every line whole (a torn line was repaired), each step once, the same losses
+    lines = (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    steps = [r["iter"] for r in records if "loss" in r]
+    evals = [r["iter"] for r in records if "val_loss" in r]
+    assert steps == list(range(MAX_ITERS)), "a step is missing or appears twice in metrics.jsonl"
+    assert evals == list(range(0, MAX_ITERS + 1, EVAL_INTERVAL)), "an evaluation is missing or appears twice"
+    assert [r["loss"] for r in records if "loss" in r] == [r["loss"] for r in ref_records if "loss" in r]
+    assert [r["val_loss"] for r in records if "val_loss" in r] == [r["val_loss"] for r in ref_records if "val_loss" in r]
+    assert not ckpt_temps(out_dir), "temporary checkpoint files of killed saves were left behind"
+
+
+class Watcher:
+    """Reads a child's stdout as it grows and counts the lines of each kind."""
+
+    def __init__(self, child):
+        self.child, self.text = child, ""
+
+    def count(self, pattern: str) -> int:
+        self.text = self.child.stdout()
+        return len(re.findall(pattern, self.text, flags=re.MULTILINE))
+
+
+def check_after_crash(out_dir, last_iter: int, pid: int) -> tuple[int, bool, bool]:
+    """What a crash may leave: a checkpoint that loads (weights_only) and never goes back, metrics whose
+    only possibly torn line is the last. Returns (checkpoint iter, a save was interrupted, last line torn)."""
+    iter_num = last_iter
+    path = out_dir / "ckpt.pt"
+    if path.exists():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        iter_num = ckpt["iter_num"]
+        assert iter_num % EVAL_INTERVAL == 0 and iter_num >= last_iter, (iter_num, last_iter)
+        assert ckpt["model"] and ckpt["optimizer"]["state"]
+    torn = False
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.exists():
+        raw = metrics.read_text(encoding="utf-8")
+        lines = raw.split("\n")
+        for line in lines[:-1]:
+            json.loads(line)  # every complete line is a whole record
+        torn = lines[-1] != ""
+    return iter_num, (out_dir / f".ckpt.pt.tmp.{pid}").exists(), torn
+
+
+def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(forks, tmp_path, tiny_char_data, reference):
+    """>= 22 kill -9 at seeded random moments (startup, mid-step, inside checkpoint saves), init_from=auto after each."""
+    rng = random.Random(KILL_SEED)
+    out = tmp_path / "out"
+    kills, iter_num, inside_save, moments = 0, 0, 0, []
+    while kills < MIN_KILLS or (inside_save == 0 and kills < 3 * MIN_KILLS):
+        child = forks.start("train.py", *cli(out, tiny_char_data, **RUN))
+        watch = Watcher(child)
+        moment = rng.choice(["startup", "save", "save", "step", "step"])
+        if moment == "startup":  # while resuming: loading the checkpoint, rewriting metrics.jsonl, first eval
+            time.sleep(rng.uniform(0.0, 0.3))
+        elif moment == "save":  # the k-th evaluation line is printed right before its checkpoint is saved
+            k = rng.choice([2, 3])
+            assert wait_for(lambda: watch.count(r"^step \d+:") >= k or forks.wait(child, 0) is not None), child.stderr()
+            time.sleep(rng.uniform(0.0, 0.02))
+        else:  # in the middle of training steps
+            k = rng.randint(1, 4)
+            assert wait_for(lambda: watch.count(r"^iter \d+:") >= k or forks.wait(child, 0) is not None), child.stderr()
+            time.sleep(rng.uniform(0.0, 0.05))
+        forks.kill(child)
+        code = forks.wait(child, 60)
+        assert code == -signal.SIGKILL, f"the run ended by itself (exit {code}) after {kills} kills:\n{child.stderr()}"
+        kills += 1
+        iter_num, interrupted_save, torn = check_after_crash(out, iter_num, child.pid)
+        inside_save += interrupted_save
+        moments.append((moment, iter_num, interrupted_save, torn))
+    print(f"{kills} kills, {inside_save} inside a checkpoint save; (moment, ckpt iter, in save, torn metrics): {moments}")
+    assert inside_save >= 1, "no kill landed inside a checkpoint save"
+
+    done = forks.run("train.py", *cli(out, tiny_char_data, **RUN))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_run(out, reference)
+
+
+def test_sigterm_at_random_moments_saves_within_one_step_and_exits_0(forks, tmp_path, tiny_char_data, reference):
+    """SIGTERM mid-run: exit 0 promptly, a checkpoint of at most the step in progress + 1; resuming each time
+    ends with the uninterrupted run's weights."""
+    rng = random.Random(TERM_SEED)
+    out = tmp_path / "out"
+    for _ in range(TERMS):
+        child = forks.start("train.py", *cli(out, tiny_char_data, **RUN))
+        watch = Watcher(child)
+        k = rng.randint(1, 6)
+        assert wait_for(lambda: watch.count(r"^iter \d+:") >= k), child.stdout() + child.stderr()
+        time.sleep(rng.uniform(0.0, 0.05))
+        forks.kill(child, signal.SIGTERM)
+        sent = time.monotonic()
+        code = forks.wait(child, 60)
+        elapsed = time.monotonic() - sent
+        stdout, stderr = child.stdout(), child.stderr()
+        assert code == 0, stdout + stderr
+        assert elapsed < 30, f"took {elapsed:.1f}s to stop after SIGTERM"
+        before, _, after = stdout.partition("SIGTERM received")
+        assert after, stdout
+        logged = [int(i) for i in re.findall(r"^iter (\d+):", before, flags=re.MULTILINE)]
+        in_progress = logged[-1] + 1 if logged else 0  # the step running when the handler ran
+        saved = load_checkpoint(out)["iter_num"]
+        assert saved == int(re.search(r"stopped at iter (\d+)", after).group(1))
+        assert logged[-1] + 1 <= saved <= in_progress + 1, (logged[-1], saved)
+        assert all(int(i) < saved for i in re.findall(r"^iter (\d+):", after, flags=re.MULTILINE))
+        assert "Traceback" not in stderr
+    done = forks.run("train.py", *cli(out, tiny_char_data, **RUN))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_run(out, reference)
