@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
-from forge.errors import UserError
+from forge.errors import UserError, register_error_translator
 
 DEFAULT_TIMEOUT_S = 900.0  # long enough for rank 0 to write a GPT-2 XL checkpoint while the others wait
 PARALLELISMS = ("ddp", "fsdp")
@@ -82,6 +82,7 @@ class DistInfo:
 # The job-wide state of this process, set by init_distributed().
 _timeout_s: float = DEFAULT_TIMEOUT_S
 _cpu_group = None  # gloo group for any_rank() when the default group is NCCL; None: use the default group
+_joined_rank: int | None = None  # this process's rank once it joined a multi-process job (kept after destroy())
 
 
 def _env_int(name: str) -> int | None:
@@ -124,7 +125,7 @@ def init_distributed(
     init_method: where ranks meet (default torchrun's env://; tests pass a file:// store).
     Every rank checks the same things, so a bad setup fails on all ranks (rank 0 reports it).
     """
-    global _timeout_s, _cpu_group
+    global _timeout_s, _cpu_group, _joined_rank
     if timeout_s is None or timeout_s <= 0:
         raise DistributedError(f"dist_timeout_s={timeout_s} must be a positive number of seconds")
     _timeout_s = float(timeout_s)
@@ -167,19 +168,17 @@ def init_distributed(
         tdist.init_process_group(**kwargs)
         # any_rank() must never wait on the GPU: with NCCL it runs on a separate CPU (gloo) group.
         _cpu_group = tdist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    _joined_rank = rank
     return DistInfo(rank, local_rank, world_size, device)
+
+
+def restart_count() -> int:
+    """How many times torchrun restarted this job's workers after a failure (0: first attempt, or no torchrun)."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT") or 0
 
 
 def _is_initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
-
-
-def world_size() -> int:
-    return tdist.get_world_size() if _is_initialized() else 1
-
-
-def rank() -> int:
-    return tdist.get_rank() if _is_initialized() else 0
 
 
 _PEER_FAILURE = re.compile(
@@ -187,22 +186,38 @@ _PEER_FAILURE = re.compile(
 )
 
 
+def as_collective_error(exc: BaseException, what: str = "a collective") -> CollectiveError | None:
+    """The one-line CollectiveError for a collective that timed out or lost a peer; None for other errors.
+
+    Registered with run_main, so it also covers collectives inside the model (FSDP's all-gathers,
+    DDP's gradient all-reduce) and inside torch (the gradient norm of sharded gradients).
+    """
+    if isinstance(exc, CollectiveError):
+        return exc
+    in_job = _joined_rank is not None or _is_initialized()
+    if not (isinstance(exc, tdist.DistError) or (in_job and isinstance(exc, RuntimeError) and _PEER_FAILURE.search(str(exc)))):
+        return None
+    first_line = next((line for line in str(exc).strip().splitlines() if line.strip()), type(exc).__name__)
+    who = f"rank {_joined_rank}" if _joined_rank is not None else f"rank {os.environ.get('RANK', '?')}"
+    return CollectiveError(
+        f"{who}: {what} failed after waiting up to {_timeout_s:g}s (dist_timeout_s): another rank hung or died; "
+        f"see its output above, or raise dist_timeout_s if a slow step is expected [{first_line.strip()[:200]}]"
+    )
+
+
+register_error_translator(as_collective_error)
+
+
 @contextmanager
 def _collective_errors(what: str):
     """Turn a collective that timed out or lost a peer into one clear CollectiveError line."""
     try:
         yield
-    except CollectiveError:
-        raise
     except (tdist.DistError, RuntimeError) as exc:
-        if not (isinstance(exc, tdist.DistError) or (_is_initialized() and _PEER_FAILURE.search(str(exc)))):
+        error = as_collective_error(exc, what)
+        if error is None or error is exc:
             raise
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CollectiveError(
-            f"rank {rank()}: {what} failed after waiting up to {_timeout_s:g}s (dist_timeout_s): another rank "
-            f"hung or died; see its output above, or raise dist_timeout_s if a slow step is expected "
-            f"[{first_line[:200]}]"
-        ) from None
+        raise error from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,15 +271,20 @@ def apply_fsdp(
 ) -> nn.Module:
     """Shard parameters, gradients and optimizer state with FSDP2, one unit per block, then the root.
 
-    param_dtype/reduce_dtype: optional mixed precision (e.g. bf16 compute, fp32 gradient reduction);
-    the sharded master weights and the optimizer stay in fp32. The model is sharded in place and
-    returned (its parameters become DTensors: build the optimizer afterwards).
+    param_dtype: the dtype parameters are all-gathered and computed in (bf16 halves the traffic);
+    reduce_dtype: the dtype gradients are reduce-scattered in (default fp32 when param_dtype is
+    lower, for an exact sum). The sharded master weights and the optimizer stay in fp32. The model
+    is sharded in place and returned (its parameters become DTensors: build the optimizer after).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     blocks = _blocks(model, "parallelism='fsdp'")
     mesh = init_device_mesh(torch.device(dist.device).type, (dist.world_size,))
+    if param_dtype == torch.float32:
+        param_dtype = None  # already the parameters' dtype: no casts
+    if param_dtype is not None and reduce_dtype is None:
+        reduce_dtype = torch.float32
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
@@ -288,14 +308,11 @@ def parallelize(
     On one process the model itself (checkpointed/compiled if asked): parallelism changes nothing
     there. Keep using the raw `model` for checkpoints: FSDP2 shards it in place, DDP wraps it,
     compile works in place, so its parameter names never gain prefixes.
-    param_dtype/reduce_dtype are FSDP2's mixed-precision policy (DDP uses autocast instead).
+    param_dtype (the training dtype) and reduce_dtype are FSDP2's mixed-precision policy; DDP and
+    one process keep fp32 parameters and compute in the autocast dtype, so they ignore them.
     """
     if parallelism not in PARALLELISMS:
         raise DistributedError(f"parallelism={parallelism!r} is not supported; use one of {', '.join(PARALLELISMS)}")
-    if parallelism != "fsdp" and (param_dtype is not None or reduce_dtype is not None):
-        raise DistributedError(
-            "param_dtype/reduce_dtype are FSDP's mixed-precision policy; with parallelism='ddp' use dtype (autocast)"
-        )
     if parallelism == "fsdp":
         _blocks(model, "parallelism='fsdp'")  # fail early, on every rank, for models without blocks
     if activation_checkpointing:

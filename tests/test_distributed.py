@@ -281,7 +281,6 @@ def test_no_gpu_for_cuda_device(monkeypatch):
         (nn.Linear(2, 2), dict(parallelism="fsdp"), "needs a model with transformer blocks"),
         (nn.Linear(2, 2), dict(activation_checkpointing=True), "needs a model with transformer blocks"),
         (None, dict(parallelism="tp"), "parallelism='tp' is not supported"),
-        (None, dict(param_dtype=torch.bfloat16), "param_dtype/reduce_dtype are FSDP's"),
     ],
 )
 def test_incompatible_parallelism_options(model, kwargs, needle):

@@ -1,0 +1,94 @@
+"""torchrun, with failures reported in one line instead of torchrun's traceback.
+
+    python -m forge.launch [torchrun options] train.py CONFIG [--key=value ...]
+
+Takes exactly torchrun's options (`--standalone`, `--nproc_per_node`, `--nnodes`, `--rdzv_endpoint`,
+`--rdzv_id`, `--max_restarts`, ...) and runs torch.distributed.run in this process; the launch/
+scripts call it. What changes is how the job ends:
+- a worker that failed with a user error (exit 2) or a collective error (exit 3) already printed its
+  `error:` line (forge.errors.run_main): exit with its code and add nothing (torchrun would add a
+  ChildFailedError traceback);
+- a worker that crashed or was killed, with no restarts left: one `error:` line naming the rank and
+  the exit code or signal (its own output, above, says why);
+- a rendezvous that fails (a node never joined, a wrong endpoint): one `error:` line.
+It also gives each worker an equal share of the CPU cores (OMP_NUM_THREADS) unless set, instead of
+torchrun's 1 and its warning, and lets workers stopped by SIGTERM (preemption) take
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here 120) to save a checkpoint.
+"""
+import logging
+import os
+import re
+import sys
+
+REPORTED_EXIT_CODES = (2, 3)  # forge.errors.UserError (2) and forge.distributed.CollectiveError (3)
+DEFAULT_SHUTDOWN_TIMEOUT_S = "120"
+
+
+def _local_processes(nproc_per_node: str) -> int:
+    """torchrun's --nproc_per_node as a number ('gpu' / 'auto' count the GPUs, or 1 without them)."""
+    if nproc_per_node.isdigit():
+        return int(nproc_per_node)
+    import torch
+
+    return torch.cuda.device_count() or 1
+
+
+class _DropReportedFailures(logging.Filter):
+    """Drop torchrun's 'failed (exitcode: 2) ...' log line: the worker's `error:` line already said why."""
+
+    _REPORTED = re.compile(r"failed \(exitcode: (%s)\)" % "|".join(map(str, REPORTED_EXIT_CODES)))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self._REPORTED.match(record.getMessage())
+
+
+def _describe(failure) -> str:
+    if failure.exitcode < 0:
+        return f"was killed by {failure.signal_name()}"
+    return f"exited with code {failure.exitcode}"
+
+
+def main(argv=None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropReportedFailures())
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _local_processes(args.nproc_per_node)))
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT_S)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        reported = [f.exitcode for f in exc.failures.values() if f.exitcode in REPORTED_EXIT_CODES]
+        if reported:  # the workers' own `error:` line says it all (the others were stopped by torchrun)
+            return max(reported)
+        rank, failure = exc.get_first_failure()
+        restarts = f"after {args.max_restarts} restart(s)" if args.max_restarts else "(no restarts: --max_restarts=0)"
+        print(
+            f"error: worker rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) {_describe(failure)} "
+            f"{restarts}; its output above says why",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    except RendezvousError as exc:
+        endpoint = args.rdzv_endpoint or f"{args.master_addr}:{args.master_port}"
+        first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        print(
+            f"error: the nodes could not meet at {endpoint} (--nnodes={args.nnodes}): {first_line.strip()}; check "
+            "that every node runs the launcher with the same --rdzv_endpoint/--rdzv_id and can reach that host:port",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    except SignalException as exc:  # SIGTERM/SIGINT to the launcher: workers were told to save and stop
+        logging.getLogger(__name__).warning("launcher received %s; workers were asked to stop", exc.sigval.name)
+        return 128 + int(exc.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
