@@ -93,7 +93,8 @@ class TrainConfig:
     backend: str = "auto"  # process-group backend under torchrun: 'auto' (nccl on cuda, gloo otherwise), 'nccl', 'gloo'
     parallelism: Literal["ddp", "fsdp"] = "ddp"  # data parallelism under torchrun: 'ddp' (replicate) or 'fsdp' (shard)
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
-    seed: int = 1337  # base random seed (rank r uses seed + r)
+    dist_timeout_s: float = 900.0  # seconds a rank waits in a collective before failing with a clear error (a hung peer)
+    seed: int = 1337  # base random seed: initial weights use it on every rank, dropout seed + rank
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up in model.py's table
 
     def __post_init__(self):
@@ -106,6 +107,8 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "keep_last", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"dist_timeout_s={self.dist_timeout_s} must be a positive number of seconds")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
@@ -207,7 +210,10 @@ def field_comments(config_cls) -> dict:
 
 
 def help_text(config_cls, prog: str) -> str:
-    comments, hints = field_comments(config_cls), _hints(config_cls)
+    # a subclass (bench.py's BenchConfig extends TrainConfig) inherits its bases' comments
+    comments = {name: text for cls in reversed(config_cls.__mro__) if dataclasses.is_dataclass(cls)
+                for name, text in field_comments(cls).items()}
+    hints = _hints(config_cls)
     lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "",
              "Config files (Python assignments) apply in order, then --key=value overrides.", "", "keys:"]
     fields = dataclasses.fields(config_cls)
