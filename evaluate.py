@@ -111,10 +111,10 @@ def main(cfg: EvalConfig) -> None:
         say = print if dist.is_main else (lambda *a, **k: None)
         loaded = load_for_inference(cfg.out_dir, cfg.init_from, dist.device, cfg.meta)
         model = loaded.model
-        say(f"evaluating {loaded.source} on {dist.world_size} process(es), {dist.device}, {dtype}")
+        say(f"evaluating {loaded.source} on {dist.world_size} process(es), {dist.device}, {str(dtype).removeprefix('torch.')}")
         if cfg.hellaswag:  # a char model or a bad file fails before the (long) loss pass
             check_tokenizer(loaded.meta["tokenizer"])
-            examples = load_hellaswag(cfg.input or None, cfg.cache_dir, cfg.limit or None)
+            examples = load_hellaswag(cfg.input or None, cfg.cache_dir, cfg.limit or None, rank=dist.rank)
 
         if cfg.loss:
             block_size = cfg.block_size or model.config.block_size

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from forge.distributed import all_reduce_mean, broadcast_object
-from forge.distributed import rank as global_rank
 from forge.errors import UserError
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -119,14 +118,15 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[dict]:
 
 
 def load_hellaswag(input_path: str | Path | None = None, cache_dir: str | Path = DEFAULT_CACHE_DIR,
-                   limit: int | None = None) -> list[dict]:
+                   limit: int | None = None, rank: int = 0) -> list[dict]:
     """The validation examples: from input_path, else from cache_dir, downloading the official file once.
 
-    In a process group, rank 0 reads (and if needed downloads) first while the others wait, so the
-    file is fetched once; a problem is then raised on every rank (rank 0 reports it).
+    In a process group (every rank calls this with its rank), rank 0 reads, and if needed
+    downloads, first while the others wait, so the file is fetched once; a problem is then raised
+    on every rank (rank 0 reports it).
     """
     error = None
-    if global_rank() == 0:
+    if rank == 0:
         try:
             examples = _load_hellaswag(input_path, cache_dir, limit)
         except HellaSwagError as exc:
@@ -134,7 +134,7 @@ def load_hellaswag(input_path: str | Path | None = None, cache_dir: str | Path =
     error = broadcast_object(error)
     if error is not None:
         raise HellaSwagError(error)
-    return examples if global_rank() == 0 else _load_hellaswag(input_path, cache_dir, limit)
+    return examples if rank == 0 else _load_hellaswag(input_path, cache_dir, limit)
 
 
 def _load_hellaswag(input_path, cache_dir, limit) -> list[dict]:

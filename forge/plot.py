@@ -152,7 +152,7 @@ def plot_runs(runs: list[Run], out_path: str | Path, x_axis: str = "iter") -> Pa
         if ax.get_lines():
             ax.legend(fontsize=8)
         else:
-            note = "MFU unknown (peak FLOPs of this device not in the table)" if ax is ax_mfu else "no data"
+            note = "MFU unknown: peak FLOPs of this device not in the table\n(train with --peak_flops=... to set it)" if ax is ax_mfu else "no data"
             ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, color="grey")
     ax_lr.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}"))  # no offset text under the top axis
     if x_axis == "tokens":
@@ -162,7 +162,7 @@ def plot_runs(runs: list[Run], out_path: str | Path, x_axis: str = "iter") -> Pa
     shared_tpi = {run.tokens_per_iter for run in runs}
     if x_axis == "iter" and len(shared_tpi) == 1 and None not in shared_tpi:
         tpi = shared_tpi.pop()
-        for ax in list(fig.axes):
+        for ax in [ax for ax in fig.axes if ax.get_lines()]:
             top = ax.secondary_xaxis("top", functions=(lambda it: it * tpi, lambda tok: tok / tpi))
             top.xaxis.set_major_formatter(EngFormatter())  # 1.2M, 40k: readable token counts
             top.set_xlabel(f"tokens seen ({tpi:,} per iteration)", fontsize=8)

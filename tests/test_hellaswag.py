@@ -111,10 +111,10 @@ def _two_rank_worker(rank, store_path, jsonl, results):
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     try:
         try:
-            load_hellaswag(jsonl + ".missing")
+            load_hellaswag(jsonl + ".missing", rank=rank)
         except HellaSwagError as exc:  # rank 0 finds the problem, every rank raises it
             results[f"error{rank}"] = str(exc)
-        examples = load_hellaswag(jsonl)
+        examples = load_hellaswag(jsonl, rank=rank)
         results[rank] = hellaswag_accuracy(_model(), examples, WordTokenizer(), "cpu", rank=rank, world_size=2,
                                            batch_size=1)
     finally:
