@@ -69,6 +69,10 @@ class ForkServer:
             raise RuntimeError(f"the fork server died (exit {self._server.poll()})")
         return json.loads(line)
 
+    def ping(self) -> None:
+        """Wait until the server has done its imports (so that timings measure the runs alone)."""
+        assert self._ask({"op": "ping"})["ready"]
+
     def start(self, script: str, *args, env: dict | None = None) -> Child:
         n = next(self._count)
         child = Child(0, self.log_dir / f"{n}.out", self.log_dir / f"{n}.err")
@@ -110,6 +114,7 @@ class ForkServer:
 @pytest.fixture(scope="session")
 def forks(tmp_path_factory):
     server = ForkServer(tmp_path_factory.mktemp("forked_logs"))
+    server.ping()
     yield server
     server.close()
 

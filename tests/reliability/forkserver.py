@@ -100,6 +100,8 @@ def main() -> None:
             except OSError:  # the child already did it (or already exited)
                 pass
             reply = {"pid": pid}
+        elif request["op"] == "ping":  # answered once the imports are done
+            reply = {"ready": True}
         elif request["op"] == "wait":
             reply = {"returncode": wait(request["pid"], request.get("timeout", 300))}
         else:

@@ -1,0 +1,146 @@
+"""Data preparation interrupted: kill -9 at seeded random moments, and a crash at every point of the commit.
+
+Invariant: a data folder either loads as complete with exactly the bytes of an uninterrupted run, or
+refuses to load (DataError saying to re-run the prepare script); rerunning always finishes it.
+"""
+import json
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import forge.tokenize
+from forge.data import open_split
+from forge.tokenize import DataError, PreparedFolder
+
+OUTPUTS = ("train.bin", "val.bin", "meta.json")
+
+
+def outputs(folder) -> dict:
+    return {name: (folder / name).read_bytes() for name in OUTPUTS if (folder / name).exists()}
+
+
+def assert_complete_or_refused(folder, expected: dict) -> bool:
+    """A folder with a meta.json is complete and holds the expected bytes; any other refuses to load.
+    Returns whether it was complete."""
+    if (folder / "meta.json").exists():
+        assert outputs(folder) == expected, "a folder that looks complete holds other bytes"
+        return True
+    for split in ("train", "val"):
+        with pytest.raises(DataError):
+            open_split(folder, split)
+    return False
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shakespeare_text):
+    """Tiny Shakespeare (or generated text) in four files: about a second of GPT-2 tokenizing on two processes."""
+    folder = tmp_path_factory.mktemp("corpus")
+    quarter = len(shakespeare_text) // 4
+    for i in range(4):
+        (folder / f"part{i}.txt").write_text(shakespeare_text[i * quarter:(i + 1) * quarter], encoding="utf-8")
+    (folder / "all.txt").write_text(shakespeare_text * 4, encoding="utf-8")  # one input for shakespeare_char
+    return folder
+
+
+SCRIPTS = {
+    "text": lambda corpus, out: ["data/text/prepare.py", *sorted(corpus.glob("part*.txt")), "--out_dir", out, "--tokenizer", "gpt2",
+                                 "--num_proc", "2"],
+    "shakespeare_char": lambda corpus, out: ["data/shakespeare_char/prepare.py", "--input", corpus / "all.txt",
+                                             "--out_dir", out],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_prepare_killed_at_random_moments_never_leaves_a_complete_looking_folder(forks, tmp_path, corpus, script):
+    reference = tmp_path / "reference"
+    started = time.monotonic()
+    done = forks.run(*SCRIPTS[script](corpus, reference))
+    duration = time.monotonic() - started  # kills land between 0 and 1.1 times this after the start
+    assert done.returncode == 0, done.stderr
+    expected = outputs(reference)
+    assert set(expected) == set(OUTPUTS)
+
+    rng = random.Random(3)
+    out = tmp_path / "out"
+    complete_seen = midway = 0
+    for attempt in range(8):
+        if attempt == 4:  # the second half re-prepares over a complete folder
+            finished = forks.run(*SCRIPTS[script](corpus, out))
+            assert finished.returncode == 0, finished.stderr
+            assert outputs(out) == expected
+        child = forks.start(*SCRIPTS[script](corpus, out))
+        time.sleep(rng.uniform(0.0, 1.1) * duration)
+        forks.kill(child)  # the whole process group: the tokenizer workers too
+        code = forks.wait(child, 60)
+        assert code in (0, -signal.SIGKILL), child.stderr()
+        midway += bool(list(out.glob("*.tmp")))  # killed while writing
+        complete_seen += assert_complete_or_refused(out, expected)
+    finished = forks.run(*SCRIPTS[script](corpus, out))
+    assert finished.returncode == 0, finished.stderr
+    assert outputs(out) == expected
+    assert not list(out.glob("*.tmp")), "temporary files left after a finished run"
+    print(f"{script}: 8 kills, {midway} while writing, {complete_seen} left a complete folder")
+    assert midway >= 1, "no kill landed while the bins were being written"
+
+
+class Crash(BaseException):
+    """Stands for kill -9: nothing after it runs (PreparedFolder.__exit__ is never called)."""
+
+
+def _char_folder_contents(text: str):
+    itos = sorted(set(text))
+    ids = np.array([itos.index(c) for c in text], dtype="<u2")
+    n = len(ids) * 9 // 10
+    return ids[:n].tobytes(), ids[n:].tobytes(), forge.tokenize.char_meta(itos)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "over_complete_folder"])
+def test_commit_crashing_at_every_point_never_looks_complete(tmp_path, monkeypatch, existing):
+    """A crash before or after each rename of PreparedFolder.commit: the folder is old-and-complete,
+    new-and-complete, or refuses to load; never a mix that loads."""
+    new_train, new_val, new_meta = _char_folder_contents("to be or not to be, that is the question\n" * 40)
+    old_train, old_val, old_meta = _char_folder_contents("all the world's a stage\n" * 40)
+    new = {"train.bin": new_train, "val.bin": new_val}
+    old = {"train.bin": old_train, "val.bin": old_val}
+    real_replace = forge.tokenize.os.replace
+    crash_points = 0
+    for crash_after in range(10):
+        out = tmp_path / f"crash{crash_after}"
+        if existing:
+            out.mkdir()
+            for name, data in old.items():
+                (out / name).write_bytes(data)
+            (out / "meta.json").write_text(json.dumps(old_meta))
+        calls = []
+
+        def replace(src, dst):
+            if len(calls) == crash_after:
+                raise Crash
+            calls.append(dst)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(forge.tokenize.os, "replace", replace)
+        folder = PreparedFolder(out).__enter__()
+        for name, data in new.items():
+            folder.temp(name).write_bytes(data)
+        try:
+            folder.commit(new_meta)
+            crashed = False
+        except Crash:
+            crashed = True
+        monkeypatch.setattr(forge.tokenize.os, "replace", real_replace)
+        if (out / "meta.json").exists():
+            meta = json.loads((out / "meta.json").read_text())
+            contents = {name: (out / name).read_bytes() for name in new}
+            assert (meta, contents) in ((new_meta, new), (old_meta, old)), f"crash after {crash_after} renames: a mix"
+        else:
+            for split in ("train", "val"):
+                with pytest.raises(DataError, match="interrupted|not found|re-run|prepare"):
+                    open_split(out, split)
+        if not crashed:
+            break
+        crash_points += 1
+    assert crash_points >= 3  # the bins' renames and meta.json's
