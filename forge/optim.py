@@ -37,29 +37,33 @@ def build_optimizer(
     muon_momentum=0.95,
     muon_weight_decay=0.0,
     muon_ns_steps=5,
+    embedding_lr=0.0,
+    head_lr=0.0,
 ):
     """The optimizer for `model` (the raw model; build it after parallelize(): FSDP2 swaps in DTensors).
 
     'adamw': model.configure_optimizers(weight_decay, learning_rate, betas, device_type).
-    'muon':  Muon for the 2-D weights inside model.transformer.h (group lr = muon_lr at learning_rate,
-             following the schedule in proportion), AdamW(learning_rate, betas) for everything else:
-             weight_decay on the embeddings and head, none on 1-D gains and biases.
+    'muon':  Muon for the 2-D weights inside model.transformer.h, AdamW(betas) for everything else:
+             the embeddings at embedding_lr, an untied lm_head at head_lr (0: learning_rate for either),
+             1-D gains and biases at learning_rate; weight_decay on the embeddings and head only.
+             Every group's lr is its peak value and follows the schedule in proportion (lr_scale).
     """
     if name == "adamw":
         return model.configure_optimizers(weight_decay, learning_rate, betas, device_type)
     if name != "muon":
         raise OptimizerError(f"optimizer={name!r} is unknown: use one of {', '.join(OPTIMIZERS)}")
-    if learning_rate <= 0 or muon_lr <= 0:
+    if learning_rate <= 0 or muon_lr <= 0 or embedding_lr < 0 or head_lr < 0:
         raise OptimizerError(
-            f"optimizer=muon needs learning_rate > 0 and muon_lr > 0 (got {learning_rate}, {muon_lr}): "
-            "the Muon group follows the schedule as lr * muon_lr / learning_rate"
+            f"optimizer=muon needs learning_rate > 0, muon_lr > 0, embedding_lr >= 0 and head_lr >= 0 (got "
+            f"{learning_rate}, {muon_lr}, {embedding_lr}, {head_lr}): each group follows the schedule as "
+            "lr * its_lr / learning_rate"
         )
     if not 0 <= muon_momentum < 1:
         raise OptimizerError(f"muon_momentum={muon_momentum} must be in [0, 1)")
     if muon_ns_steps < 1:
         raise OptimizerError(f"muon_ns_steps={muon_ns_steps} must be at least 1")
     groups = muon_param_groups(model)
-    if not groups["muon"]:
+    if not groups["muon"] + groups["muon_qkv"]:
         raise OptimizerError(
             f"optimizer=muon found no 2-D hidden weights in this {type(model).__name__} "
             "(Muon needs model.transformer.h): use optimizer=adamw"
@@ -68,12 +72,17 @@ def build_optimizer(
         use_muon=True, lr=muon_lr, lr_scale=muon_lr / learning_rate,
         momentum=muon_momentum, weight_decay=muon_weight_decay, ns_steps=muon_ns_steps,
     )
-    adam = dict(use_muon=False, lr=learning_rate, lr_scale=1.0, betas=tuple(betas), eps=1e-8)
+
+    def adam(params, lr, decay):
+        return dict(params=params, use_muon=False, lr=lr, lr_scale=lr / learning_rate, betas=tuple(betas), eps=1e-8,
+                    weight_decay=weight_decay if decay else 0.0)
+
     param_groups = [
         dict(muon, params=groups["muon"], ns_split=1),
         dict(muon, params=groups["muon_qkv"], ns_split=3),
-        dict(adam, params=groups["adamw_decay"], weight_decay=weight_decay),
-        dict(adam, params=groups["adamw_no_decay"], weight_decay=0.0),
+        adam(groups["embeddings"], embedding_lr or learning_rate, decay=True),
+        adam(groups["head"], head_lr or learning_rate, decay=True),
+        adam(groups["gains"], learning_rate, decay=False),
     ]
     return Muon([g for g in param_groups if g["params"]])
 
@@ -81,23 +90,26 @@ def build_optimizer(
 def muon_param_groups(model) -> dict:
     """Split the model's parameters by how Muon treats them (tied weights counted once).
 
-    muon:           2-D weights inside model.transformer.h (attention and MLP linears)
-    muon_qkv:       fused attention c_attn weights of shape (3C, C), orthogonalised as three C x C blocks
-                    (q, k and v separately, as modded-nanogpt does)
-    adamw_decay:    the other 2-D weights: token/position embeddings, an untied lm_head
-    adamw_no_decay: 1-D gains and biases everywhere
+    muon:       2-D weights inside model.transformer.h (attention and MLP linears)
+    muon_qkv:   fused attention c_attn weights of shape (3C, C), orthogonalised as three C x C blocks
+                (q, k and v separately, as modded-nanogpt does)
+    embeddings: the other 2-D weights but the head: token (and tied head) and position embeddings
+    head:       an untied lm_head
+    gains:      1-D gains and biases everywhere
     """
     blocks = getattr(getattr(model, "transformer", None), "h", None)
     hidden = {id(p) for p in blocks.parameters() if p.dim() == 2} if blocks is not None else set()
-    groups = {"muon": [], "muon_qkv": [], "adamw_decay": [], "adamw_no_decay": []}
-    for name, p in model.named_parameters():
+    groups = {"muon": [], "muon_qkv": [], "embeddings": [], "head": [], "gains": []}
+    for name, p in model.named_parameters():  # a tied lm_head is listed once, as transformer.wte.weight
         if not p.requires_grad:
             continue
         if id(p) in hidden:
             fused_qkv = name.endswith("attn.c_attn.weight") and p.shape[0] == 3 * p.shape[1]
             groups["muon_qkv" if fused_qkv else "muon"].append(p)
+        elif p.dim() < 2:
+            groups["gains"].append(p)
         else:
-            groups["adamw_decay" if p.dim() >= 2 else "adamw_no_decay"].append(p)
+            groups["head" if name == "lm_head.weight" else "embeddings"].append(p)
     return groups
 
 

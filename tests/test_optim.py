@@ -101,8 +101,9 @@ def test_param_groups_put_hidden_matrices_on_muon_and_the_rest_on_adamw():
     assert groups["muon"] == sorted(
         f"transformer.h.{i}.{n}.weight" for i in range(2) for n in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     )
-    assert groups["adamw_decay"] == ["transformer.wpe.weight", "transformer.wte.weight"]  # lm_head is tied to wte
-    assert groups["adamw_no_decay"] and all(model.get_parameter(n).dim() == 1 for n in groups["adamw_no_decay"])
+    assert groups["embeddings"] == ["transformer.wpe.weight", "transformer.wte.weight"]  # lm_head is tied to wte
+    assert groups["head"] == []
+    assert groups["gains"] and all(model.get_parameter(n).dim() == 1 for n in groups["gains"])
     assert sum(len(v) for v in groups.values()) == len(named)
 
     opt = build_optimizer(model, "muon", **MUON_ARGS, muon_lr=0.02)
@@ -111,6 +112,17 @@ def test_param_groups_put_hidden_matrices_on_muon_and_the_rest_on_adamw():
     assert {g["lr"] for g in muon_groups} == {0.02} and {g["lr_scale"] for g in muon_groups} == {20.0}
     adam_groups = {g["weight_decay"]: g for g in opt.param_groups if not g["use_muon"]}
     assert set(adam_groups) == {0.1, 0.0} and all(g["lr"] == 1e-3 for g in adam_groups.values())
+
+
+def test_untied_head_and_embeddings_get_their_own_learning_rates():
+    model = tiny_gpt(untied_head=True, rotary=True, n_embd=8, n_head=2)  # rotary: no position table
+    by_name = {id(p): n for n, p in model.named_parameters()}
+    opt = build_optimizer(model, "muon", **MUON_ARGS, embedding_lr=0.3, head_lr=0.004)
+    lrs = {by_name[id(p)]: (g["lr"], g["lr_scale"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    assert lrs["transformer.wte.weight"] == (0.3, pytest.approx(300.0), 0.1)
+    assert lrs["lm_head.weight"] == (0.004, pytest.approx(4.0), 0.1)
+    assert lrs["transformer.ln_f.weight"] == (1e-3, 1.0, 0.0)
+    assert "transformer.wpe.weight" not in lrs
 
 
 def test_adamw_groups_match_torch_adamw():
