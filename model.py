@@ -182,8 +182,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:  # in the gains' dtype: autocast hands us bf16 q, k but float32 gains
+            q = self.q_norm(q.to(self.q_norm.weight.dtype)).type_as(v)
+            k = self.k_norm(k.to(self.k_norm.weight.dtype)).type_as(v)
         if rope is not None:  # rotary option: (cos, sin) of these T positions
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:

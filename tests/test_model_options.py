@@ -1,6 +1,7 @@
 """model.py's architecture options beyond GPT-2 (issue 8): each off by default, each tested here,
 and KV-cache generation equal to the no-cache reference with every one of them."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -181,3 +182,16 @@ def test_save_pretrained_refuses_options_gpt2_does_not_have(tmp_path, options, c
     with pytest.raises(ModelError, match=f"cannot export to GPT-2 format: this model uses {culprit}"):
         model.save_pretrained(tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("options", [OPTIONS["all"], dict(qk_norm=True)], ids=["all", "qk_norm_layernorm"])
+def test_options_run_under_bf16_autocast_without_dtype_warnings(options):
+    model = make_gpt(scale=1.0, **options).train()
+    idx = tokens(2, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "Mismatch dtype between input and weight"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, idx)
+            loss.backward()
+            out = model.generate(idx[:, :4], 14, temperature=0)
+    assert math.isfinite(loss.item()) and out.shape == (2, 18)
