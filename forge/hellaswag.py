@@ -23,6 +23,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from forge.distributed import all_reduce_mean, broadcast_object
 from forge.errors import UserError
+from forge.tokenize import get_tokenizer
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_VAL_EXAMPLES = 10_042
@@ -235,3 +237,24 @@ def _block_size(model) -> int:
     """The context length of a GPT (or a DDP-wrapped one); unbounded for models without a config.block_size."""
     config = getattr(getattr(model, "module", model), "config", None)
     return getattr(config, "block_size", None) or 1 << 30
+
+
+@dataclass
+class HellaSwagTask:
+    """What the training loop keeps for eval_hellaswag_interval: the examples and the tokenizer, loaded once."""
+
+    examples: list[dict]
+    tokenizer: object
+
+    @classmethod
+    def load(cls, tokenizer_meta: dict, path: str = "", limit: int = 0, rank: int = 0) -> "HellaSwagTask":
+        """For a dataset's metadata (GPT-2 BPE only); path '' = the official file (downloaded once), limit 0 = all."""
+        check_tokenizer(tokenizer_meta["tokenizer"])
+        return cls(load_hellaswag(path or None, limit=limit or None, rank=rank), get_tokenizer(tokenizer_meta))
+
+    def scores(self, model, device, rank: int = 0, world_size: int = 1, autocast=nullcontext()) -> dict:
+        """{'hellaswag_acc': ..., 'hellaswag_acc_norm': ...}, the same on every rank (pass the raw model:
+        FSDP2 shards it in place, and an uncompiled model does not recompile for every example length)."""
+        acc, acc_norm = hellaswag_accuracy(model, self.examples, self.tokenizer, device, rank, world_size,
+                                           autocast=autocast)
+        return {"hellaswag_acc": acc, "hellaswag_acc_norm": acc_norm}

@@ -3,6 +3,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -172,3 +173,37 @@ def test_download_is_atomic_and_cached(tmp_path, monkeypatch):
 def test_char_tokenizer_is_refused():
     with pytest.raises(HellaSwagError, match="GPT-2 BPE.*'char'"):
         hellaswag.check_tokenizer("char")
+
+
+def test_training_logs_hellaswag_alongside_val_loss(tmp_path, gpt2_encoding):
+    from forge.metrics import read_metrics
+    from forge.tokenize import char_meta, gpt2_meta
+    from tests.util import assert_clean_error, run_py
+
+    data = tmp_path / "data" / "bpe"
+    data.mkdir(parents=True)
+    ids = np.array(gpt2_encoding.encode_ordinary("The cat sat on the mat. The dog barked. " * 20), dtype="<u2")
+    ids.tofile(data / "train.bin")
+    ids.tofile(data / "val.bin")
+    (data / "meta.json").write_text(json.dumps(gpt2_meta()))
+    hs = _write_jsonl(tmp_path / "hs.jsonl", [json.dumps(ex) for ex in (LONG_VS_SHORT, DOG, DOG)])
+    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=32", "--batch_size=2", "--gradient_accumulation_steps=1",
+            "--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--log_interval=1", "--compile=False", "--device=cpu",
+            "--warmup_iters=0", "--lr_decay_iters=4"]
+    out = tmp_path / "out"
+    run_py("train.py", f"--data_dir={data}", f"--out_dir={out}", *tiny, "--eval_hellaswag_interval=4",
+           f"--hellaswag_path={hs}", "--hellaswag_limit=2", check=True)
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 2, 4]
+    assert [("hellaswag_acc_norm" in r, "hellaswag_acc" in r) for r in evals] == [(True, True), (False, False), (True, True)]
+    assert all(r["hellaswag_acc_norm"] in (0.0, 0.5, 1.0) for r in evals if "hellaswag_acc_norm" in r)  # 2 examples
+
+    chars = tmp_path / "data" / "chars"
+    chars.mkdir()
+    (np.arange(100, dtype="<u2") % 3).tofile(chars / "train.bin")
+    (np.arange(100, dtype="<u2") % 3).tofile(chars / "val.bin")
+    (chars / "meta.json").write_text(json.dumps(char_meta(["a", "b", "c"])))
+    proc = run_py("train.py", f"--data_dir={chars}", f"--out_dir={tmp_path / 'out-char'}", *tiny,
+                  "--eval_hellaswag_interval=2", f"--hellaswag_path={hs}")
+    assert_clean_error(proc, "GPT-2 BPE", "'char'")
+    assert not (tmp_path / "out-char").exists()
