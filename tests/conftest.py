@@ -85,3 +85,13 @@ def make_char_dataset(folder, text: str, val_fraction: float = 0.1):
 def tiny_char_data(tmp_path_factory, shakespeare_text):
     """A small character-level data folder (the first 20,000 characters of Tiny Shakespeare); read-only."""
     return make_char_dataset(tmp_path_factory.mktemp("tiny_char"), shakespeare_text[:20_000])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests: on a busy 2-core machine OpenMP's spinning
+    threads make every step hundreds of times slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,6 +13,7 @@ from model import GPT, GPTConfig
 from tests.test_train import tiny_config
 from tests.util import snapshot
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ARGS = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, dropout=0.0, bias=True)
 
 

@@ -21,17 +21,8 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, gradien
             eval_interval=4, eval_iters=2, log_interval=1, device="cpu", dtype="float32", compile=False)
 
 
-# One intra-op thread: these models are tiny, and on a busy 2-core machine OpenMP's spinning threads
-# make every step hundreds of times slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same for subprocesses (see the one_thread fixture)
 
 
 def tiny_config(out_dir, data_dir, **overrides) -> TrainConfig:
