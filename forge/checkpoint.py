@@ -51,6 +51,11 @@ def atomic_write(path, write) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    for stale in path.parent.glob(f".{path.name}.tmp.*"):  # left by a writer that was killed: reclaim the space
+        try:
+            stale.unlink()
+        except OSError:
+            pass
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -64,9 +69,9 @@ def atomic_write(path, write) -> None:
 
 
 def checkpoint_path(out_dir_or_path) -> Path:
-    """out_dir/ckpt.pt for a folder, the path itself for a file."""
+    """out_dir/ckpt.pt for a run folder, the path itself for a checkpoint file (*.pt, e.g. ckpt-2000.pt)."""
     path = Path(out_dir_or_path)
-    return path / CKPT_NAME if path.is_dir() or not path.suffix else path
+    return path if path.suffix == ".pt" and not path.is_dir() else path / CKPT_NAME
 
 
 def has_checkpoint(out_dir) -> bool:
@@ -82,8 +87,12 @@ def save_checkpoint(out_dir, state: dict, keep_last: int = 0) -> Path:
         atomic_write(path, lambda f: torch.save(state, f))
         if keep_last > 0:
             _keep_numbered_copy(out_dir, path, int(state.get("iter_num", 0)), keep_last)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a failed write (e.g. a full disk) as a RuntimeError raised while handling the OSError
+        os_error = exc if isinstance(exc, OSError) else exc.__context__
+        if not isinstance(os_error, OSError):
+            raise
+        reason = os_error.strerror or str(os_error)
         previous = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
         raise CheckpointError(f"cannot save the checkpoint in {out_dir}: {reason}; {previous}. "
                               "Free disk space or choose a writable out_dir") from None
