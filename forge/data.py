@@ -26,12 +26,12 @@ DEFAULT_META = {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "dtype": "ui
 
 
 def prepare_hint(data_dir) -> str:
-    """How the user makes the bins of data_dir: its own prepare script, or the own-corpus one."""
+    """The command that makes data_dir's bins: its own prepare script, or the own-corpus one."""
     data_dir = Path(data_dir)
     if (data_dir / "prepare.py").is_file():
-        return f"create them with `python {data_dir / 'prepare.py'}`"
-    return (f"create them with `python data/{data_dir.name}/prepare.py` if that dataset exists, or "
-            f"`python data/text/prepare.py --out_dir {data_dir} YOUR_FILES` for your own text")
+        return f"`python {data_dir / 'prepare.py'}`"
+    return (f"`python data/{data_dir.name}/prepare.py` if that dataset exists, or "
+            f"`python data/text/prepare.py YOUR_FILES --out_dir {data_dir}` for your own text")
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -117,12 +117,12 @@ def open_split(data_dir, split: str, meta: dict | None = None) -> np.memmap:
     data_dir = Path(data_dir)
     path = data_dir / f"{split}.bin"
     if not data_dir.is_dir():
-        raise DataError(f"data folder {data_dir} does not exist: {prepare_hint(data_dir)}")
+        raise DataError(f"data folder {data_dir} does not exist: create it with {prepare_hint(data_dir)}")
     if not (data_dir / "meta.json").exists() and any(data_dir.glob("*.tmp")):
         raise DataError(f"{data_dir} holds an interrupted preparation (*.tmp files, no meta.json): "
                         f"run its prepare script again to finish it")
     if not path.is_file():
-        raise DataError(f"{path} not found: {prepare_hint(data_dir)}")
+        raise DataError(f"{path} not found: create it with {prepare_hint(data_dir)}")
     meta = load_meta(data_dir) if meta is None else meta
     dtype = DTYPES[meta["dtype"]]
     size = path.stat().st_size

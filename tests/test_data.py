@@ -112,7 +112,7 @@ def test_missing_data_names_the_prepare_script(tmp_path):
     dataset = tmp_path / "data" / "shakespeare_char"
     dataset.mkdir(parents=True)
     (dataset / "prepare.py").write_text("")
-    with pytest.raises(DataError, match=r"train\.bin not found: create them with `python .*shakespeare_char/prepare\.py`"):
+    with pytest.raises(DataError, match=r"train\.bin not found: create it with `python .*shakespeare_char/prepare\.py`"):
         TokenBatches(dataset, "train", 2, 8)
 
 
