@@ -126,7 +126,8 @@ def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, tiny_char_
     assert snapshot(out / "ckpt.pt") == before
 
 
-def test_sigterm_saves_a_resumable_checkpoint_and_exits_zero(tmp_path, tiny_char_data):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_resumable_checkpoint_and_exits_zero(tmp_path, tiny_char_data, signum):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **ONE_THREAD}
     proc = subprocess.Popen([sys.executable, "train.py", *cli(out, tiny_char_data, max_iters=100_000, eval_interval=1000,
@@ -135,10 +136,10 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_zero(tmp_path, tiny_char
     deadline = time.time() + 120
     while time.time() < deadline and len(step_losses(out)) < 3:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stdout + stderr
-    assert "Traceback" not in stderr and "stopped at iter" in stdout
+    assert "Traceback" not in stderr and f"stopped by {signum.name}" in stdout and "stopped at iter" in stdout
     ckpt = load_checkpoint(out)
     stopped_at = ckpt["iter_num"]
     assert stopped_at >= 3
