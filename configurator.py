@@ -44,6 +44,9 @@ class TrainConfig:
     always_save_checkpoint: bool = True  # save at every evaluation, not only when val loss improves
     init_from: str = "scratch"  # 'scratch', 'resume', 'auto' (resume if out_dir has a checkpoint), 'gpt2*' or a local HF dir
     keep_last: int = 0  # also keep the last N checkpoints as ckpt-<iter>.pt (0: only ckpt.pt)
+    eval_hellaswag_interval: int = 0  # also score HellaSwag at evaluations every this many iterations (0: never; GPT-2 BPE data only)
+    hellaswag_path: str = ""  # a local HellaSwag jsonl; '' = the official validation set, downloaded once into data/hellaswag
+    hellaswag_limit: int = 0  # score only the first this many HellaSwag examples (0: all 10,042)
     # logging
     wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline works)
     wandb_project: str = "owt"  # W&B project
@@ -75,6 +78,8 @@ class TrainConfig:
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
     muon_weight_decay: float = 0.0  # Muon's decoupled weight decay on the hidden matrices
     muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update
+    embedding_lr: float = 0.0  # optimizer=muon: AdamW peak lr of the embeddings (and a tied head); 0 means learning_rate
+    head_lr: float = 0.0  # optimizer=muon: AdamW peak lr of an untied lm_head; 0 means learning_rate
     learning_rate: float = 6e-4  # peak learning rate
     max_iters: int = 600000  # total optimizer steps
     weight_decay: float = 0.1  # AdamW weight decay on 2-D weights
@@ -104,7 +109,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "keep_last", "seed"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "keep_last", "seed", "eval_hellaswag_interval",
+                     "hellaswag_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
         if self.dist_timeout_s <= 0:
@@ -116,6 +122,9 @@ class TrainConfig:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.eval_hellaswag_interval % self.eval_interval:
+            raise ConfigError(f"eval_hellaswag_interval={self.eval_hellaswag_interval} must be a multiple of "
+                              f"eval_interval={self.eval_interval}: HellaSwag is scored at evaluation steps")
 
 
 # ----------------------------------------------------------------------------- types

@@ -25,6 +25,7 @@ from forge.data import TokenBatches, load_meta
 from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, parallelize,
                                restart_count)
 from forge.errors import is_rank_zero, run_main
+from forge.hellaswag import HellaSwagTask
 from forge.metrics import MetricsLog, NonFiniteLossError
 from forge.optim import build_optimizer
 from forge.precision import autocast, enable_tf32, resolve_dtype
@@ -67,6 +68,8 @@ def main(cfg: TrainConfig) -> None:
                                             seed=cfg.seed + EVAL_SEED_OFFSET, device=dist.device)
                         for split in ("train", "val")}
         loaders = [train_batches, *eval_batches.values()]
+        hellaswag = HellaSwagTask.load(meta, cfg.hellaswag_path, cfg.hellaswag_limit, dist.rank) \
+            if cfg.eval_hellaswag_interval else None
 
         # -------------------------------------------------------------------- model
         model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta))
@@ -78,7 +81,8 @@ def main(cfg: TrainConfig) -> None:
         optimizer = build_optimizer(model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate,
                                     (cfg.beta1, cfg.beta2), device_type, muon_lr=cfg.muon_lr,
                                     muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
-                                    muon_ns_steps=cfg.muon_ns_steps)
+                                    muon_ns_steps=cfg.muon_ns_steps, embedding_lr=cfg.embedding_lr,
+                                    head_lr=cfg.head_lr)
         iter_num, best_val_loss, wandb_run_id = 0, math.inf, None
         if ckpt is not None:
             exact = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,
@@ -88,7 +92,7 @@ def main(cfg: TrainConfig) -> None:
             log.info(f"resuming from {cfg.out_dir} at iter {iter_num}" +
                      ("" if exact else " (no saved random state for this world size: dropout streams restart)"))
             ckpt = None  # free the memory
-        log.info(f"{model_type} model, {model.get_num_params() / 1e6:.2f}M parameters")
+        log.info(f"{model_type} model, {model.get_num_params():,} parameters")
 
         # -------------------------------------------------------------------- logging
         if not cfg.eval_only:  # eval_only writes nothing
@@ -118,7 +122,9 @@ def main(cfg: TrainConfig) -> None:
 
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
                 losses = evaluate(module, eval_batches, cfg.eval_iters, ctx, dist.rank, dist.world_size)
-                log.log_eval(iter_num, losses["train"], losses["val"], lr)
+                scores = hellaswag.scores(model, dist.device, dist.rank, dist.world_size, ctx) \
+                    if hellaswag and (iter_num % cfg.eval_hellaswag_interval == 0 or cfg.eval_only) else {}
+                log.log_eval(iter_num, losses["train"], losses["val"], lr, scores)
                 if cfg.eval_only:
                     break
                 if iter_num > start_iter and (losses["val"] < best_val_loss or cfg.always_save_checkpoint):
@@ -263,6 +269,11 @@ def train_step(module, optimizer, scaler, batches, grad_accum: int, ctx, grad_cl
                 loss = loss / grad_accum  # the gradients sum over micro-steps: scale to their mean
             scaler.scale(loss).backward()
         loss_sum = loss_sum + loss.detach()
+    return loss_sum, optimizer_step(optimizer, scaler, grad_clip)
+
+
+def optimizer_step(optimizer, scaler, grad_clip: float) -> torch.Tensor:
+    """Unscale, clip, step, zero the gradients; returns the gradient norm before clipping, on device."""
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if grad_clip > 0:
@@ -272,7 +283,7 @@ def train_step(module, optimizer, scaler, batches, grad_accum: int, ctx, grad_cl
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, full_tensor(grad_norm)
+    return full_tensor(grad_norm)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
