@@ -23,12 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 
 from forge.errors import run_main  # noqa: E402
-from forge.tokenize import (ArgumentParser, GPT2Tokenizer, gpt2_meta, local_or_downloaded_text,  # noqa: E402
-                            tokenize_to_bin)
+from forge.tokenize import (TINY_SHAKESPEARE_URL, ArgumentParser, GPT2Tokenizer, gpt2_meta,  # noqa: E402
+                            local_or_downloaded_text, tokenize_to_bin)
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
 def load() -> str:
@@ -38,7 +37,7 @@ def load() -> str:
 def make_corpus(out_dir: Path, megabytes: int, seed: int = 0) -> None:
     """jsonl files of about 50 MB, documents cut at random from Tiny Shakespeare."""
     text = local_or_downloaded_text(SHAKESPEARE if SHAKESPEARE.is_file() else None,
-                                    REPO / "data" / "shakespeare_char" / "input.txt", SHAKESPEARE_URL)
+                                    REPO / "data" / "shakespeare_char" / "input.txt", TINY_SHAKESPEARE_URL)
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, file_index = 0, 0

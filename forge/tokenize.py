@@ -280,6 +280,17 @@ def split_tail(path, tail_path, dtype: str, tail_fraction: float) -> tuple[int, 
     return num_head, total - num_head
 
 
+def write_text_split(text: str, out_dir, meta: dict, *, train_fraction: float = 0.9, num_proc: int = 1) -> dict:
+    """nanoGPT's split of one text: the first train_fraction of the characters -> train.bin, the rest ->
+    val.bin, each tokenized as one document (no EOT); committed with meta. Returns {split: tokens}."""
+    n = int(len(text) * train_fraction)
+    with PreparedFolder(out_dir) as folder:
+        counts = {split: tokenize_to_bin([part], folder.temp(f"{split}.bin"), meta, num_proc=num_proc).tokens
+                  for split, part in (("train", text[:n]), ("val", text[n:]))}
+        folder.commit(meta)
+    return counts
+
+
 # ----------------------------------------------------------------------------- committing a data folder
 
 def _fsync_dir(path: Path) -> None:
@@ -316,10 +327,16 @@ class PreparedFolder:
         """Bins into place, then meta.json (atomic), so that a folder with a meta.json is complete."""
         meta_path = self.out_dir / "meta.json"
         meta_path.unlink(missing_ok=True)  # until the new meta.json lands the folder reads as incomplete
+        # meta.json.tmp is written first and renamed last: between the renames a *.tmp file always marks
+        # the folder as unfinished (bins without meta.json and without it would load as GPT-2 BPE)
+        with open(self.temp("meta.json"), "wb") as f:
+            f.write(json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
         for final, temp in self._temps.items():
             os.replace(temp, final)
         self._temps = {}
-        write_atomic(meta_path, json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
+        _fsync_dir(self.out_dir)
 
     def __exit__(self, exc_type, exc, tb):
         for temp in self._temps.values():
@@ -365,6 +382,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def default_num_proc() -> int:
     return os.cpu_count() or 1
+
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
 def local_or_downloaded_text(input_path, local_path, url: str) -> str:

@@ -13,12 +13,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a plain checkout
 
 from forge.errors import run_main  # noqa: E402
-from forge.tokenize import (ArgumentParser, PreparedFolder, default_num_proc, gpt2_meta,  # noqa: E402
-                            local_or_downloaded_text, tokenize_to_bin)
+from forge.tokenize import (TINY_SHAKESPEARE_URL, ArgumentParser, default_num_proc, gpt2_meta,  # noqa: E402
+                            local_or_downloaded_text, write_text_split)
 
 HERE = Path(__file__).resolve().parent
-URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TRAIN_FRACTION = 0.9
 
 
 def main(argv=None) -> None:
@@ -28,13 +26,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num_proc", type=int, default=default_num_proc(), help="tokenizer processes (default: all cores)")
     args = parser.parse_args(argv)
 
-    text = local_or_downloaded_text(args.input, HERE / "input.txt", URL)
-    meta = gpt2_meta()
-    n = int(len(text) * TRAIN_FRACTION)
-    with PreparedFolder(args.out_dir) as folder:
-        counts = {split: tokenize_to_bin([part], folder.temp(f"{split}.bin"), meta, num_proc=args.num_proc).tokens
-                  for split, part in (("train", text[:n]), ("val", text[n:]))}
-        folder.commit(meta)
+    text = local_or_downloaded_text(args.input, HERE / "input.txt", TINY_SHAKESPEARE_URL)
+    counts = write_text_split(text, args.out_dir, gpt2_meta(), num_proc=args.num_proc)
     print(f"{len(text):,} characters: train {counts['train']:,} tokens, val {counts['val']:,} tokens -> {args.out_dir}")
 
 

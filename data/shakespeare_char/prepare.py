@@ -12,12 +12,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a plain checkout
 
 from forge.errors import run_main  # noqa: E402
-from forge.tokenize import (ArgumentParser, PreparedFolder, char_meta, local_or_downloaded_text,  # noqa: E402
-                            tokenize_to_bin)
+from forge.tokenize import (TINY_SHAKESPEARE_URL, ArgumentParser, char_meta,  # noqa: E402
+                            local_or_downloaded_text, write_text_split)
 
 HERE = Path(__file__).resolve().parent
-URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TRAIN_FRACTION = 0.9
 
 
 def main(argv=None) -> None:
@@ -26,13 +24,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out_dir", type=Path, default=HERE, help="where the bins and meta.json go (default: here)")
     args = parser.parse_args(argv)
 
-    text = local_or_downloaded_text(args.input, HERE / "input.txt", URL)
-    meta = char_meta(sorted(set(text)))
-    n = int(len(text) * TRAIN_FRACTION)
-    with PreparedFolder(args.out_dir) as folder:
-        counts = {split: tokenize_to_bin([part], folder.temp(f"{split}.bin"), meta).tokens
-                  for split, part in (("train", text[:n]), ("val", text[n:]))}
-        folder.commit(meta)
+    text = local_or_downloaded_text(args.input, HERE / "input.txt", TINY_SHAKESPEARE_URL)
+    meta = char_meta(sorted(set(text)))  # nanoGPT's vocabulary: the sorted unique characters
+    counts = write_text_split(text, args.out_dir, meta)
     print(f"{len(text):,} characters, vocab {meta['vocab_size']}: train {counts['train']:,} tokens, "
           f"val {counts['val']:,} tokens -> {args.out_dir}")
 
