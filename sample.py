@@ -9,6 +9,7 @@ With one sample, tokens are printed as they are produced (--stream); multi-byte 
 never split, since text is printed only once its bytes decode completely.
 """
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -130,7 +131,7 @@ class IncrementalDecoder:
 
 
 def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                    generator: torch.Generator, device, stop_token: int | None = None, ctx=None):
+                    generator: torch.Generator, device, stop_token: int | None = None, ctx=nullcontext()):
     """Yield the new token ids of one sample as the model produces them (KV-cache generation).
 
     temperature 0 is greedy; top_k 0 and top_p 1.0 mean no limit. Stops after stop_token (not
@@ -139,7 +140,7 @@ def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, temperatu
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     tokens = model.stream(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
                           top_p=top_p if top_p < 1.0 else None, generator=generator)
-    with ctx if ctx is not None else torch.no_grad():
+    with ctx:  # autocast around every forward the stream runs
         for token in tokens:
             token = token.item()
             if token == stop_token:
