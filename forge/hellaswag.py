@@ -70,7 +70,8 @@ def download(url: str, path: Path) -> Path:
     except (urllib.error.URLError, OSError) as exc:
         Path(tmp).unlink(missing_ok=True)
         raise HellaSwagError(
-            f"could not download {url} ({exc}); download it yourself and pass its path with --input"
+            f"could not download {url} ({exc}); download it yourself and pass its path with --input "
+            "(evaluate.py) or --hellaswag_path (train.py)"
         ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
