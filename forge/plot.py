@@ -178,8 +178,13 @@ def plot_runs(runs: list[Run], out_path: str | Path, x_axis: str = "iter") -> Pa
     return out_path
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # the project's one `error:` line instead of argparse's usage dump
+        raise PlotError(f"{message} (see python -m forge.plot --help)")
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="python -m forge.plot", description="Plot loss, lr, tokens/s and MFU of one or more runs from their metrics.jsonl."
     )
     parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="training run folders (out_dir) to draw, overlaid")

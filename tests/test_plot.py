@@ -64,6 +64,8 @@ def test_bad_inputs_are_one_clean_line(tmp_path):
         ([a, "--labels=x,y"], "--labels has 2 names for 1"),
         ([a, no_config, "--x=tokens"], "config.json .* in: out-b"),
         ([a, f"--out={tmp_path / 'no' / 'dir.png'}"], "folder .* does not exist"),
+        ([a, "--x=time"], "invalid choice: 'time'"),
+        ([], "required: OUT_DIR"),
     ]
     for argv, message in cases:
         with pytest.raises(PlotError, match=message):
