@@ -62,7 +62,7 @@ def tokens_per_iter_from_config(run_dir: Path) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def load_run(run_dir: str | Path, label: str | None = None) -> Run:
+def load_run(run_dir: str | Path, label: str) -> Run:
     """Read one run folder; a missing folder, missing or empty metrics.jsonl is a PlotError."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -72,7 +72,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
         raise PlotError(f"{path} not found; train with this out_dir first (train.py writes metrics.jsonl on rank 0)")
     records = read_metrics(path)
     run = Run(
-        label=label or run_dir.resolve().name,
+        label=label,
         tokens_per_iter=tokens_per_iter_from_config(run_dir),
         loss=_series(records, "loss"),
         train_loss=_series(records, "train_loss"),
@@ -193,7 +193,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--x", choices=("iter", "tokens"), default="iter", help="x axis: iterations (default) or tokens seen")
     args = parser.parse_args(argv)
 
-    labels = [None] * len(args.out_dirs)
+    names = [Path(d).resolve().name for d in args.out_dirs]
+    # folder names, or the paths as given when two runs share a name (run1/out vs run2/out)
+    labels = names if len(set(names)) == len(names) else list(args.out_dirs)
     if args.labels is not None:
         labels = args.labels.split(",")
         if len(labels) != len(args.out_dirs):
