@@ -64,6 +64,8 @@ def download(url: str, path: Path) -> Path:
                 while chunk := resp.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
+            if total is not None and f.tell() != total:  # read(n) returns b"" on a dropped connection
+                raise OSError(f"the connection closed after {f.tell():,} of {total:,} bytes")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
