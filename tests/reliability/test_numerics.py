@@ -13,6 +13,8 @@ from forge.metrics import read_metrics
 from tests.reliability.conftest import TINY, cli
 from tests.util import assert_clean_error
 
+POISONED_STEPS = {3, 4}  # optimizer steps given an infinite gradient in the float16 test
+
 
 @pytest.mark.parametrize("log_interval", [1, 1000], ids=["caught_at_a_log_step", "caught_before_a_save"])
 def test_absurd_learning_rate_stops_naming_the_step_and_keeps_the_good_checkpoint(forks, tmp_path, tiny_char_data,
@@ -36,7 +38,7 @@ def test_absurd_learning_rate_stops_naming_the_step_and_keeps_the_good_checkpoin
 def test_float16_overflowing_steps_are_skipped_not_applied(tmp_path, tiny_char_data, monkeypatch):
     """The loop's own float16 path on the CPU (autocast float16 + GradScaler): steps 3 and 4 get an infinite
     gradient; the parameters and optimizer state stay as they were, the loss scale halves, and training goes on."""
-    poisoned, seen = {3, 4}, []
+    poisoned, seen = POISONED_STEPS, []
     real_step = train.optimizer_step
 
     def optimizer_step(optimizer, scaler, grad_clip):
