@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from configurator import ConfigError, check_types, load_config
-from forge.data import DataError, load_meta, sequential_windows
+from forge.data import DataError, load_meta, open_split, sequential_windows
 from forge.distributed import all_reduce_mean, destroy, init_distributed
 from forge.errors import run_main
 from forge.hellaswag import DEFAULT_CACHE_DIR, check_tokenizer, hellaswag_accuracy, load_hellaswag
@@ -109,6 +109,8 @@ def main(cfg: EvalConfig) -> None:
         enable_tf32()
         ctx = autocast(dist.device, dtype)
         say = print if dist.is_main else (lambda *a, **k: None)
+        if cfg.loss and cfg.init_from != "resume":  # missing data fails before a GPT-2 download of up to 6 GB
+            open_split(eval_data_dir(cfg, None), cfg.split)
         loaded = load_for_inference(cfg.out_dir, cfg.init_from, dist.device, cfg.meta)
         model = loaded.model
         say(f"evaluating {loaded.source} on {dist.world_size} process(es), {dist.device}, {str(dtype).removeprefix('torch.')}")

@@ -107,6 +107,7 @@ def test_bad_inputs(char_run, tmp_path):
         ([f"--data_dir={other}"], "tokenized with 'char'.*evaluate it on data prepared with its own tokenizer"),
         ([f"--data_dir={tmp_path / 'data' / 'missing'}"], "data folder .*missing does not exist"),
         (["--split=test"], "test.bin not found"),
+        (["--init_from=gpt2", f"--data_dir={tmp_path / 'owt'}"], "owt does not exist"),  # before any download
         (["--block_size=32"], "block_size=32 is longer than the model's context"),
         ([f"--out_dir={tmp_path / 'nope'}"], "does not exist"),
         (["--loss=False"], "nothing to do"),
