@@ -168,9 +168,9 @@ def test_wandb_offline_writes_files_and_resume_keeps_the_run(tmp_path, tiny_char
     train.main(tiny_config(out, tiny_char_data, max_iters=4, wandb_log=True, wandb_project="gptforge-test",
                            init_from="resume"))
     assert load_checkpoint(out)["wandb_run_id"] == run_id
-    runs = sorted((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
-    assert all((r / f"run-{run_id}.wandb").is_file() for r in runs)
+    runs = sorted((out / "wandb").glob("offline-run-*"))  # one folder per start (one if both began in the same second)
+    assert runs and all(r.name.endswith(run_id) for r in runs)
+    assert all((r / f"run-{run_id}.wandb").stat().st_size > 0 for r in runs)
 
 
 def test_finetune_from_a_local_hf_gpt2_directory(tmp_path, tiny_char_data):
