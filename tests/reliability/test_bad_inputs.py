@@ -185,7 +185,8 @@ CASES = [
     ("evaluate-nothing-to-do", "evaluate.py", lambda w: [f"--out_dir={w.run}", "--loss=False"], ["nothing to do"]),
     ("evaluate-hellaswag-on-char-model", "evaluate.py", lambda w: [f"--out_dir={w.run}", "--loss=False",
                                                                    "--hellaswag=True"], ["gpt-2 bpe"]),
-    ("evaluate-unknown-pretrained", "evaluate.py", lambda w: ["--init_from=gpt2-huge"], ["gpt2-huge"]),
+    ("evaluate-unknown-pretrained", "evaluate.py", lambda w: ["--init_from=gpt2-huge", f"--data_dir={w.data}"],
+     ["gpt2-huge"]),
     # bench.py
     ("bench-steps-zero", "bench.py", lambda w: ["--steps=0"], ["steps=0"]),
     ("bench-missing-dataset", "bench.py", lambda w: w.train(data=w.root / "data" / "nothing"), ["nothing"]),
