@@ -10,17 +10,20 @@ scripts call it. What changes is how the job ends:
   ChildFailedError traceback);
 - a worker that crashed or was killed, with no restarts left: one `error:` line naming the rank and
   the exit code or signal (its own output, above, says why);
-- a rendezvous that fails (a node never joined, a wrong endpoint): one `error:` line.
+- a rendezvous that fails (a node never joined, a wrong endpoint): one `error:` line;
+- a user error is not retried: --max_restarts is for workers that died or hung.
 It also gives each worker an equal share of the CPU cores (OMP_NUM_THREADS) unless set, instead of
-torchrun's 1 and its warning, and lets workers stopped by SIGTERM (preemption) take
-TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here 120) to save a checkpoint.
+torchrun's 1 and its warning, lets workers stopped by SIGTERM (preemption) take
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here 120) to save a checkpoint, and gives each
+restart a fresh rendezvous store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1).
 """
 import logging
 import os
 import re
 import sys
 
-REPORTED_EXIT_CODES = (2, 3)  # forge.errors.UserError (2) and forge.distributed.CollectiveError (3)
+USER_ERROR = 2  # forge.errors.UserError: the same mistake on every attempt
+REPORTED_EXIT_CODES = (USER_ERROR, 3)  # and forge.distributed.CollectiveError (3): a peer hung or died
 DEFAULT_SHUTDOWN_TIMEOUT_S = "120"
 
 
@@ -42,6 +45,27 @@ class _DropReportedFailures(logging.Filter):
         return not self._REPORTED.match(record.getMessage())
 
 
+def _no_restart_after_user_errors() -> None:
+    """Make torchrun's agent give up, not restart, when a worker failed with a user error.
+
+    torchrun restarts the worker group whatever the failure; a mistake in the config or the data
+    fails the same way on every attempt, printing its line each time. torch has no public hook for
+    this decision, so the agent's monitor (LocalElasticAgent._monitor_workers, torch 2.13) is wrapped
+    here, in the launcher process only; tests/test_distributed_train.py checks the behaviour.
+    """
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    monitor = LocalElasticAgent._monitor_workers
+
+    def monitor_workers(self, worker_group):
+        result = monitor(self, worker_group)
+        if result.is_failed() and any(f.exitcode == USER_ERROR for f in result.failures.values()):
+            self._remaining_restarts = 0
+        return result
+
+    LocalElasticAgent._monitor_workers = monitor_workers
+
+
 def _describe(failure) -> str:
     if failure.exitcode < 0:
         return f"was killed by {failure.signal_name()}"
@@ -56,9 +80,13 @@ def main(argv=None) -> int:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropReportedFailures())
+    _no_restart_after_user_errors()
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _local_processes(args.nproc_per_node)))
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT_S)
+    # Restarted workers must not share the rendezvous TCPStore with the failed attempt: they would
+    # read its stale addresses and fail to connect (pytorch/pytorch#135712). A fresh store per round.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(args)
     except ChildFailedError as exc:
