@@ -31,6 +31,7 @@ from forge.optim import build_optimizer
 from forge.precision import autocast, enable_tf32, resolve_dtype
 from model import GPT, GPTConfig, build_model, device_peak_flops
 
+GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}  # the rest are options
 EVAL_SEED_OFFSET = 1_000_003  # evaluation batches: their own fixed stream, never the training batches
 
 
@@ -220,6 +221,10 @@ def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int):
         return build_model(cfg.model_type, model_args), model_args, cfg.model_type
     if cfg.model_type != "gpt":
         raise ConfigError(f"init_from={init} loads a GPT-2; model_type={cfg.model_type!r} cannot be fine-tuned from it")
+    for option in dataclasses.fields(GPTConfig):  # GPT-2's weights fix the architecture: an option would be ignored
+        if option.name not in GPT2_FIELDS and getattr(cfg, option.name, option.default) != option.default:
+            raise ConfigError(f"{option.name}={getattr(cfg, option.name)!r} cannot apply to {init}'s pretrained "
+                              f"architecture: drop it to fine-tune GPT-2, or train from scratch with it")
     model = GPT.from_pretrained(init, {"dropout": cfg.dropout})
     if cfg.block_size > model.config.block_size:
         raise ConfigError(f"block_size={cfg.block_size} is larger than {init}'s {model.config.block_size}; "

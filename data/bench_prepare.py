@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import numpy as np  # noqa: E402
 
-from forge.errors import run_main  # noqa: E402
-from forge.tokenize import (TINY_SHAKESPEARE_URL, ArgumentParser, GPT2Tokenizer, gpt2_meta,  # noqa: E402
+from forge.errors import ArgumentParser, run_main  # noqa: E402
+from forge.tokenize import (TINY_SHAKESPEARE_URL, GPT2Tokenizer, gpt2_meta,  # noqa: E402
                             local_or_downloaded_text, tokenize_to_bin)
 
 REPO = Path(__file__).resolve().parents[1]

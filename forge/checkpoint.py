@@ -22,6 +22,8 @@ from forge.errors import UserError
 
 CKPT_NAME = "ckpt.pt"
 PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP in older nanoGPT checkpoints
+# Causal-mask buffers that nanoGPT saved before torch 2.0 had flash attention: not weights, dropped on load.
+LEGACY_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
 
 
 class CheckpointError(UserError):
@@ -121,9 +123,12 @@ def _numbered_iter(path: Path) -> int:
 # ----------------------------------------------------------------------------- loading
 
 def strip_prefixes(state_dict: dict) -> dict:
-    """Parameter names without `_orig_mod.` / `module.` prefixes (old nanoGPT checkpoints have them)."""
+    """Parameter names without `_orig_mod.` / `module.` prefixes, and without the causal-mask buffers
+    (`attn.bias`) of pre-flash-attention nanoGPT checkpoints: old checkpoints load as they are."""
     clean = {}
     for key, value in state_dict.items():
+        if LEGACY_BUFFERS.search(key):
+            continue
         stripped = True
         while stripped:
             stripped = False

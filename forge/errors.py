@@ -1,4 +1,5 @@
 """Turn a user's mistake into one clear line and a non-zero exit, never a traceback."""
+import argparse
 import os
 import sys
 
@@ -13,6 +14,13 @@ class UserError(Exception):
     exit_code = 2
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors, so run_main prints them as one `error:` line."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def is_user_error(exc: BaseException) -> bool:
     """UserError, or any exception class marked `user_error = True` (model.py's, which must not import forge)."""
     return bool(getattr(exc, "user_error", False))
@@ -23,13 +31,24 @@ def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+_TRANSLATORS = []
+
+
+def register_error_translator(translate) -> None:
+    """translate(exc) -> a user error to report instead of exc, or None (forge.distributed: collective timeouts)."""
+    _TRANSLATORS.append(translate)
+
+
 def run_main(main) -> None:
     """Call main(); a user error becomes `error: <message>` on stderr (rank 0 only) and exit code 2."""
     try:
         main()
-    except Exception as exc:
+    except Exception as raised:
+        exc = next(filter(None, (translate(raised) for translate in _TRANSLATORS)), raised)
         if not is_user_error(exc):
             raise
-        if is_rank_zero():
+        # Most errors are the same on every rank: rank 0 reports them, and the first rank of every other
+        # node, whose output is often a separate log. Some (a rank that hung) only the other ranks see.
+        if is_rank_zero() or os.environ.get("LOCAL_RANK") == "0" or getattr(exc, "report_on_every_rank", False):
             print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(getattr(exc, "exit_code", 2))

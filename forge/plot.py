@@ -10,13 +10,12 @@ Reads what the training loop writes: `metrics.jsonl` (one JSON object per log or
 are `batch_size * block_size * gradient_accumulation_steps` (the global batch, whatever the
 world size). matplotlib is an optional dependency: `pip install -e '.[plot]'`.
 """
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from forge.errors import UserError, run_main
+from forge.errors import ArgumentParser, UserError, run_main
 from forge.metrics import read_metrics
 
 
@@ -178,13 +177,8 @@ def plot_runs(runs: list[Run], out_path: str | Path, x_axis: str = "iter") -> Pa
     return out_path
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # the project's one `error:` line instead of argparse's usage dump
-        raise PlotError(f"{message} (see python -m forge.plot --help)")
-
-
 def main(argv: list[str]) -> None:
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m forge.plot", description="Plot loss, lr, tokens/s and MFU of one or more runs from their metrics.jsonl."
     )
     parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="training run folders (out_dir) to draw, overlaid")

@@ -7,7 +7,8 @@ arrive (so the bytes are the same for any num_proc). A finished folder is commit
 bins are fsynced and renamed into place, and meta.json is written last, so a folder with a
 meta.json is complete and an interrupted run leaves only *.tmp files that the next run replaces.
 """
-import argparse
+import hashlib
+import http.client
 import json
 import multiprocessing
 import os
@@ -362,29 +363,29 @@ def write_atomic(path, data: bytes) -> None:
 
 
 def download(url: str, path) -> None:
-    """Fetch url to path atomically (a failed or interrupted download leaves no partial file)."""
+    """Fetch url to path atomically (a failed or interrupted download leaves no partial file); a file whose
+    SHA-256 is known (KNOWN_SHA256) must match it."""
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
-            data = response.read()
-    except OSError as exc:
+            data = response.read()  # raises IncompleteRead when fewer bytes than Content-Length arrive
+    except (OSError, http.client.HTTPException) as exc:
         raise DataError(f"could not download {url} ({exc}); download it by hand and pass --input PATH") from None
+    expected = KNOWN_SHA256.get(url)
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise DataError(f"the download of {url} is damaged ({len(data):,} bytes, SHA-256 "
+                        f"{hashlib.sha256(data).hexdigest()[:12]}..., expected {expected[:12]}...); nothing was "
+                        "written: try again, or download it by hand and pass --input PATH")
     write_atomic(path, data)
 
 
 # ----------------------------------------------------------------------------- prepare scripts' command line
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are UserErrors, so run_main prints them as one `error:` line."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
 
 def default_num_proc() -> int:
     return os.cpu_count() or 1
 
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+KNOWN_SHA256 = {TINY_SHAKESPEARE_URL: "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"}  # 1,115,394 bytes
 
 
 def local_or_downloaded_text(input_path, local_path, url: str) -> str:

@@ -125,7 +125,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
 
 def test_old_nanogpt_checkpoint_resumes(tmp_path, tiny_char_data):
-    """A checkpoint as nanoGPT wrote it: compiled-model prefixes, index-keyed optimizer, no rng/data/scaler."""
+    """A checkpoint as nanoGPT wrote it: compiled-model prefixes, mask buffers, index-keyed optimizer, no rng/data/scaler."""
     cfg = tiny_config(tmp_path / "old", tiny_char_data, dropout=0.0, max_iters=6)
     vocab = train.model_vocab_size(train.load_meta(tiny_char_data))
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
@@ -139,7 +139,10 @@ def test_old_nanogpt_checkpoint_resumes(tmp_path, tiny_char_data):
                       "bias": cfg.bias, "dataset": "shakespeare_char", "batch_size": 12}
     cfg_dir = tmp_path / "old"
     cfg_dir.mkdir()
-    torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},
+    old_weights = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    for layer in range(cfg.n_layer):  # the causal-mask buffer nanoGPT kept before torch 2.0
+        old_weights[f"_orig_mod.transformer.h.{layer}.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
+    torch.save({"model": old_weights,
                 "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": 4,
                 "best_val_loss": torch.tensor(3.5), "config": nanogpt_config}, cfg_dir / "ckpt.pt")
     train.main(tiny_config(cfg_dir, tiny_char_data, dropout=0.0, max_iters=6, init_from="resume"))

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from forge.plot import PlotError
+from forge.errors import UserError
 from forge.plot import main as plot_main
 from tests.util import assert_clean_error, run_py, snapshot
 
@@ -68,7 +68,7 @@ def test_bad_inputs_are_one_clean_line(tmp_path):
         ([], "required: OUT_DIR"),
     ]
     for argv, message in cases:
-        with pytest.raises(PlotError, match=message):
+        with pytest.raises(UserError, match=message):
             plot_main([str(arg) for arg in argv])
     assert snapshot(tmp_path) == before
 

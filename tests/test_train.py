@@ -185,6 +185,8 @@ def test_finetune_from_a_local_hf_gpt2_directory(tmp_path, tiny_char_data):
     assert ckpt["model_args"]["n_layer"] == 2 and ckpt["model_args"]["dropout"] == 0.1  # shape from the weights
     train.main(tiny_config(out, tiny_char_data, init_from="resume", n_layer=12, max_iters=4))  # the same config resumes
     assert load_checkpoint(out)["iter_num"] == 4
+    with pytest.raises(train.ConfigError, match="rotary=True cannot apply to .*pretrained architecture"):
+        train.main(tiny_config(tmp_path / "opt", tiny_char_data, init_from=str(tmp_path / "hf"), rotary=True))
 
 
 def test_bigram_baseline_trains_and_resumes(tmp_path, tiny_char_data):

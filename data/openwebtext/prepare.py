@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a plain checkout
 
-from forge.errors import run_main  # noqa: E402
-from forge.tokenize import (ArgumentParser, DataError, PreparedFolder, default_num_proc, gpt2_meta,  # noqa: E402
+from forge.errors import ArgumentParser, run_main  # noqa: E402
+from forge.tokenize import (DataError, PreparedFolder, default_num_proc, gpt2_meta,  # noqa: E402
                             tokenize_to_bin)
 
 HERE = Path(__file__).resolve().parent

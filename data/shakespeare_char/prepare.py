@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a plain checkout
 
-from forge.errors import run_main  # noqa: E402
-from forge.tokenize import (TINY_SHAKESPEARE_URL, ArgumentParser, char_meta,  # noqa: E402
+from forge.errors import ArgumentParser, run_main  # noqa: E402
+from forge.tokenize import (TINY_SHAKESPEARE_URL, char_meta,  # noqa: E402
                             local_or_downloaded_text, write_text_split)
 
 HERE = Path(__file__).resolve().parent

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 
 from tqdm import tqdm  # noqa: E402
 
-from forge.errors import run_main  # noqa: E402
-from forge.tokenize import (ArgumentParser, DataError, PreparedFolder, char_meta, default_num_proc,  # noqa: E402
+from forge.errors import ArgumentParser, run_main  # noqa: E402
+from forge.tokenize import (DataError, PreparedFolder, char_meta, default_num_proc,  # noqa: E402
                             gpt2_meta, split_tail, tokenize_to_bin)
 
 DATA = Path(__file__).resolve().parents[1]
