@@ -19,6 +19,7 @@ from tests.reliability.conftest import cli, wait_for
 MAX_ITERS = 80  # long enough that 20+ interruptions never finish the run early (each one progresses <= 6 steps)
 EVAL_INTERVAL = 2  # a checkpoint every 2 steps, so kills land inside saves
 KILL_SEED, MIN_KILLS = 7, 22
+TEAR_EVERY = 5  # after every 5th kill, metrics.jsonl also gets a torn last line, which the resume must repair
 TERM_SEED, TERMS = 11, 6
 RUN = dict(max_iters=MAX_ITERS, lr_decay_iters=MAX_ITERS, eval_interval=EVAL_INTERVAL, init_from="auto")
 
@@ -104,7 +105,7 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(forks, tmp_pa
     """>= 22 kill -9 at seeded random moments (startup, mid-step, inside checkpoint saves), init_from=auto after each."""
     rng = random.Random(KILL_SEED)
     out = tmp_path / "out"
-    kills, iter_num, inside_save, moments = 0, 0, 0, []
+    kills, iter_num, inside_save, torn_lines, moments = 0, 0, 0, 0, []
     while kills < MIN_KILLS or (inside_save == 0 and kills < 3 * MIN_KILLS):
         child = forks.start("train.py", *cli(out, tiny_char_data, **RUN))
         watch = Watcher(child)
@@ -125,9 +126,18 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(forks, tmp_pa
         kills += 1
         iter_num, interrupted_save, torn = check_after_crash(out, iter_num, child.pid)
         inside_save += interrupted_save
+        metrics = out / "metrics.jsonl"
+        if kills % TEAR_EVERY == 0 and metrics.exists() and not torn:
+            # a kill in the middle of writing a record (too short a window to hit at random): a torn last line
+            whole = read_metrics(metrics)
+            with open(metrics, "a", encoding="utf-8") as f:
+                f.write(f'{{"iter": {iter_num}, "loss": 3.1')
+            assert read_metrics(metrics) == whole, "a reader did not skip the torn last line"
+            torn, torn_lines = True, torn_lines + 1
         moments.append((moment, iter_num, interrupted_save, torn))
     print(f"{kills} kills, {inside_save} inside a checkpoint save; (moment, ckpt iter, in save, torn metrics): {moments}")
     assert inside_save >= 1, "no kill landed inside a checkpoint save"
+    assert torn_lines >= MIN_KILLS // TEAR_EVERY
 
     done = forks.run("train.py", *cli(out, tiny_char_data, **RUN))
     assert done.returncode == 0, done.stdout + done.stderr
