@@ -21,7 +21,9 @@ EVAL_INTERVAL = 2  # a checkpoint every 2 steps, so kills land inside saves
 KILL_SEED, MIN_KILLS = 7, 22
 TEAR_EVERY = 5  # after every 5th kill, metrics.jsonl also gets a torn last line, which the resume must repair
 TERM_SEED, TERMS = 11, 6
-RUN = dict(max_iters=MAX_ITERS, lr_decay_iters=MAX_ITERS, eval_interval=EVAL_INTERVAL, init_from="auto")
+KEEP_LAST = 2  # numbered copies ckpt-<iter>.pt kept besides ckpt.pt
+RUN = dict(max_iters=MAX_ITERS, lr_decay_iters=MAX_ITERS, eval_interval=EVAL_INTERVAL, init_from="auto",
+           keep_last=KEEP_LAST)
 
 
 def ckpt_temps(out_dir) -> list:
@@ -66,7 +68,12 @@ def assert_same_run(out_dir, reference) -> None:
     assert evals == list(range(0, MAX_ITERS + 1, EVAL_INTERVAL)), "an evaluation is missing or appears twice"
     assert [r["loss"] for r in records if "loss" in r] == [r["loss"] for r in ref_records if "loss" in r]
     assert [r["val_loss"] for r in records if "val_loss" in r] == [r["val_loss"] for r in ref_records if "val_loss" in r]
-    assert not ckpt_temps(out_dir), "temporary checkpoint files of killed saves were left behind"
+    assert not [p.name for p in out_dir.iterdir() if ".tmp" in p.name], "temporary files of killed writes were left"
+    numbered = sorted(out_dir.glob("ckpt-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    kept = [MAX_ITERS - EVAL_INTERVAL * i for i in reversed(range(KEEP_LAST))]
+    assert [p.name for p in numbered] == [f"ckpt-{i}.pt" for i in kept]
+    assert [torch.load(p, map_location="cpu", weights_only=True)["iter_num"] for p in numbered] == kept
+    assert numbered[-1].read_bytes() == (out_dir / "ckpt.pt").read_bytes()
 
 
 class Watcher:
