@@ -286,3 +286,75 @@ def test_no_gpu_for_cuda_device(monkeypatch):
 def test_incompatible_parallelism_options(model, kwargs, needle):
     with pytest.raises(D.DistributedError, match=needle.replace("(", r"\(")):
         D.parallelize(model or new_model(), D.DistInfo(), **kwargs)
+
+
+def test_run_main_reports_a_collective_failure_in_one_line(monkeypatch, capsys):
+    """A collective that fails inside torch (FSDP's all-gather, the grad norm) is still one line, exit 3."""
+    from forge.errors import run_main
+
+    monkeypatch.setattr(D, "_joined_rank", 1)
+    monkeypatch.setenv("RANK", "1")
+
+    def main():
+        raise torch.distributed.DistBackendError("[pair.cc:534] Read error: Connection reset by peer\nmore detail")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main)
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: rank 1: a collective failed")
+    assert "Connection reset by peer" in err and "more detail" not in err
+    # Unrelated errors are not disguised as collective failures.
+    assert D.as_collective_error(ValueError("shape mismatch")) is None
+
+
+def _failure(rank, exitcode):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file="")
+
+
+@pytest.mark.parametrize(
+    "failures, code, needles",
+    [
+        ({1: -9, 0: -15}, 1, ["worker rank 1", "killed by SIGKILL", "--max_restarts=0"]),
+        ({0: 1}, 1, ["worker rank 0", "exited with code 1"]),
+        ({1: 2, 0: -15}, 2, []),  # a user error: the worker printed its line; nothing to add
+        ({0: 3, 1: -9}, 3, []),  # a collective error, reported by the workers
+    ],
+)
+def test_launcher_reports_worker_failures_in_one_line(monkeypatch, capsys, failures, code, needles):
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from forge import launch
+
+    def failing_run(args):
+        raise ChildFailedError("train.py", {rank: _failure(rank, c) for rank, c in failures.items()})
+
+    monkeypatch.setattr(torchrun, "run", failing_run)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert launch.main(["--standalone", "--nproc_per_node=2", "train.py"]) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if needles:
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and all(n in lines[0] for n in needles), err
+    else:
+        assert "error:" not in err
+
+
+def test_launcher_reports_a_failed_rendezvous_in_one_line(monkeypatch, capsys):
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+
+    from forge import launch
+
+    def failing_run(args):
+        raise RendezvousTimeoutError("The node 'a' has not joined the rendezvous in time.\ndetails")
+
+    monkeypatch.setattr(torchrun, "run", failing_run)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert launch.main(["--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29500", "train.py"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "node0:29500" in err and "--nnodes=2" in err and "details" not in err
