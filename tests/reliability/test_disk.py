@@ -4,6 +4,7 @@ Real faults where the machine allows them (a tiny tmpfs needs root and mount; ch
 user), and the same faults injected into torch.save in-process everywhere.
 """
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -115,3 +116,57 @@ def test_failing_write_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny
     assert not leftovers(out)
     monkeypatch.setattr(torch, "save", real_save)
     assert load_checkpoint(out)["iter_num"] == 2
+
+
+def test_disk_full_when_resuming_is_a_clean_error_and_changes_nothing(forks, tmp_path, tmpfs, tiny_char_data):
+    """Resuming rewrites metrics.jsonl (dropping records past the checkpoint) through a temporary copy: on a
+    disk without room for that copy, a clean error; the checkpoint and metrics.jsonl as they were."""
+    run = tmp_path / "run"
+    assert forks.run("train.py", *cli(run, tiny_char_data, max_iters=2)).returncode == 0
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:  # a long run's records
+        f.writelines(json.dumps({"iter": 1, "loss": 3.0, "note": "x" * 40}) + "\n" for _ in range(3000))
+    used = sum(p.stat().st_size for p in run.iterdir())
+    out = shutil.copytree(run, tmpfs(used + 32 * 1024) / "run")
+    before = snapshot(out)
+    proc = forks.run("train.py", *cli(out, tiny_char_data, max_iters=4, init_from="resume"))
+    assert_clean_error(proc, "metrics.jsonl", "no space left on device")
+    after = snapshot(out)
+    assert after.pop(Path("config.json")) and before.pop(Path("config.json"))  # rewritten at each start, by design
+    assert after == before  # the checkpoint and every metrics record
+
+
+class FillingFile:
+    """A text file on a disk that fills up after `room` more writes: flush (and close) fail with ENOSPC."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, text):
+        self.room -= 1
+        return self.file.write(text)
+
+    def flush(self):
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_filling_up_while_logging_is_a_clean_error(tmp_path, tiny_char_data, monkeypatch):
+    """metrics.jsonl's append fails mid-run: UserError naming the file (no traceback from close() either),
+    the checkpoint saved before is intact."""
+    import forge.metrics
+    from forge.errors import UserError
+
+    out = tmp_path / "out"
+    base = {**TINY, "out_dir": str(out), "data_dir": str(tiny_char_data), "max_iters": 8, "lr_decay_iters": 8}
+    train.main(TrainConfig(**{**base, "max_iters": 2}))
+    good = (out / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(forge.metrics, "open", lambda *a, **k: FillingFile(open(*a, **k), room=3), raising=False)
+    with pytest.raises(UserError, match="cannot write .*metrics.jsonl: No space left on device"):
+        train.main(TrainConfig(**{**base, "init_from": "resume"}))
+    assert (out / "ckpt.pt").read_bytes() == good
