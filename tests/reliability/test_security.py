@@ -218,3 +218,14 @@ def test_hellaswag_download_checks_its_length_and_is_atomic(tmp_path, monkeypatc
     else:
         forge.hellaswag.download(forge.hellaswag.HELLASWAG_VAL_URL, target)
         assert target.read_bytes() == body and [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+def test_command_line_overrides_are_parsed_never_executed(tmp_path):
+    """--key=value goes through ast.literal_eval: an expression stays a string, whatever it would do."""
+    from configurator import TrainConfig, load_config
+
+    marker = tmp_path / "CODE_RAN"
+    payload = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    cfg = load_config([f"--wandb_run_name={payload}", f"--out_dir={payload}"], TrainConfig, prog="train.py")
+    assert cfg.wandb_run_name == payload and cfg.out_dir == payload
+    assert not marker.exists()
