@@ -112,7 +112,7 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(forks, tmp_pa
     """>= 22 kill -9 at seeded random moments (startup, mid-step, inside checkpoint saves), init_from=auto after each."""
     rng = random.Random(KILL_SEED)
     out = tmp_path / "out"
-    kills, iter_num, inside_save, torn_lines, moments = 0, 0, 0, 0, []
+    kills, iter_num, inside_save, torn_lines, resumes, moments = 0, 0, 0, 0, 0, []
     while kills < MIN_KILLS or (inside_save == 0 and kills < 3 * MIN_KILLS):
         child = forks.start("train.py", *cli(out, tiny_char_data, **RUN))
         watch = Watcher(child)
@@ -131,6 +131,10 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(forks, tmp_pa
         code = forks.wait(child, 60)
         assert code == -signal.SIGKILL, f"the run ended by itself (exit {code}) after {kills} kills:\n{child.stderr()}"
         kills += 1
+        resumed = re.search(r"^resuming from .* at iter (\d+)", child.stdout(), flags=re.MULTILINE)
+        if resumed:  # the run continued from the checkpoint the previous kill left
+            assert int(resumed.group(1)) == iter_num, (resumed.group(0), iter_num)
+            resumes += 1
         iter_num, interrupted_save, torn = check_after_crash(out, iter_num, child.pid)
         inside_save += interrupted_save
         metrics = out / "metrics.jsonl"
@@ -142,9 +146,10 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(forks, tmp_pa
             assert read_metrics(metrics) == whole, "a reader did not skip the torn last line"
             torn, torn_lines = True, torn_lines + 1
         moments.append((moment, iter_num, interrupted_save, torn))
-    print(f"{kills} kills, {inside_save} inside a checkpoint save; (moment, ckpt iter, in save, torn metrics): {moments}")
+    print(f"{kills} kills, {inside_save} inside a checkpoint save, {resumes} resumed; (moment, ckpt iter, in save, torn metrics): {moments}")
     assert inside_save >= 1, "no kill landed inside a checkpoint save"
     assert torn_lines >= MIN_KILLS // TEAR_EVERY
+    assert resumes >= MIN_KILLS // 2, f"only {resumes} runs got as far as resuming"
 
     done = forks.run("train.py", *cli(out, tiny_char_data, **RUN))
     assert done.returncode == 0, done.stdout + done.stderr
