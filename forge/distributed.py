@@ -164,7 +164,7 @@ def init_distributed(
         kwargs["init_method"] = init_method
     if backend == "nccl":
         kwargs["device_id"] = torch.device(device)
-    with _collective_errors("joining the process group"):
+    with _collective_errors("joining the process group", joining=True):
         tdist.init_process_group(**kwargs)
         # any_rank() must never wait on the GPU: with NCCL it runs on a separate CPU (gloo) group.
         _cpu_group = tdist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
@@ -181,20 +181,20 @@ def _is_initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
 
 
-_PEER_FAILURE = re.compile(
-    r"timed? ?out|timeout|connection (reset|closed|refused)|broken pipe|peer|socket|gloo|nccl", re.IGNORECASE
-)
+# How gloo (and NCCL's socket layer) word a peer that stopped answering or went away.
+_PEER_FAILURE = re.compile(r"timed? ?out|timeout|connection (reset|closed|refused)|broken pipe|by peer", re.IGNORECASE)
 
 
-def as_collective_error(exc: BaseException, what: str = "a collective") -> CollectiveError | None:
+def as_collective_error(exc: BaseException, what: str = "a collective", joining: bool = False) -> CollectiveError | None:
     """The one-line CollectiveError for a collective that timed out or lost a peer; None for other errors.
 
     Registered with run_main, so it also covers collectives inside the model (FSDP's all-gathers,
     DDP's gradient all-reduce) and inside torch (the gradient norm of sharded gradients).
+    joining: exc was raised while joining the process group (no job yet, but the same failures).
     """
     if isinstance(exc, CollectiveError):
         return exc
-    in_job = _joined_rank is not None or _is_initialized()
+    in_job = joining or _joined_rank is not None or _is_initialized()
     if not (isinstance(exc, tdist.DistError) or (in_job and isinstance(exc, RuntimeError) and _PEER_FAILURE.search(str(exc)))):
         return None
     first_line = next((line for line in str(exc).strip().splitlines() if line.strip()), type(exc).__name__)
@@ -209,12 +209,12 @@ register_error_translator(as_collective_error)
 
 
 @contextmanager
-def _collective_errors(what: str):
+def _collective_errors(what: str, joining: bool = False):
     """Turn a collective that timed out or lost a peer into one clear CollectiveError line."""
     try:
         yield
     except (tdist.DistError, RuntimeError) as exc:
-        error = as_collective_error(exc, what)
+        error = as_collective_error(exc, what, joining)
         if error is None or error is exc:
             raise
         raise error from None
@@ -254,16 +254,24 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_compile(model: nn.Module) -> nn.Module:
-    """torch.compile in place (module.compile()): the module keeps its class and its parameter names."""
-    model.compile()
+def apply_compile(model: nn.Module, per_block: bool = False) -> nn.Module:
+    """torch.compile in place (module.compile()): the module keeps its class and its parameter names.
+
+    per_block: compile each transformer block on its own (torchtitan's way under FSDP2, whose
+    per-block all-gather hooks then stay outside the compiled graphs); else the whole model.
+    """
+    for module in (_blocks(model, "per-block compile") if per_block else [model]):
+        module.compile()
     return model
 
 
 def apply_ddp(model: nn.Module, dist: DistInfo) -> nn.Module:
-    """Replicate the model on every rank; gradients are all-reduced (averaged) in backward."""
+    """Replicate the model on every rank; gradients are all-reduced (averaged) in backward.
+
+    gradient_as_bucket_view: the gradients live in DDP's communication buckets (no second copy).
+    """
     device_ids = [torch.device(dist.device).index] if torch.device(dist.device).type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def apply_fsdp(
@@ -317,8 +325,9 @@ def parallelize(
         _blocks(model, "parallelism='fsdp'")  # fail early, on every rank, for models without blocks
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    sharded = parallelism == "fsdp" and dist.is_distributed and _is_initialized()
     if compile:
-        apply_compile(model)
+        apply_compile(model, per_block=sharded)
     if not dist.is_distributed or not _is_initialized():
         return model
     if parallelism == "fsdp":
