@@ -30,7 +30,7 @@ from forge.data import TokenBatches, load_meta
 from forge.distributed import all_reduce_mean, destroy, gradient_sync, init_distributed, parallelize
 from forge.errors import run_main
 from forge.optim import build_optimizer
-from forge.precision import autocast, enable_tf32, resolve_dtype
+from forge.precision import autocast, enable_tf32, resolve_dtype, set_matmul_precision
 from forge.tokenize import DataError
 from model import device_peak_flops
 from train import accumulation_per_rank, create_model, model_vocab_size, optimizer_step, seed_everything, train_step
@@ -90,6 +90,7 @@ def main(cfg: BenchConfig) -> None:
         device_type = torch.device(dist.device).type
         seed_everything(cfg.seed + dist.rank)
         enable_tf32()
+        matmul_precision = set_matmul_precision(cfg.matmul_precision, dist.device)
         ctx = autocast(dist.device, dtype)
 
         batches, vocab_size = open_batches(cfg, dist)
@@ -105,7 +106,7 @@ def main(cfg: BenchConfig) -> None:
                                     muon_ns_steps=cfg.muon_ns_steps)
         set_adamw_impl(optimizer, cfg.adamw_impl)
         say = print if dist.is_main else (lambda *a, **k: None)
-        say(describe(cfg, model, model_type, dist, dtype, vocab_size, tokens_per_iter, optimizer))
+        say(describe(cfg, model, model_type, dist, dtype, matmul_precision, vocab_size, tokens_per_iter, optimizer))
 
         def step():
             return train_step(module, optimizer, scaler, batches, grad_accum, ctx, cfg.grad_clip)  # train.py's
@@ -117,7 +118,9 @@ def main(cfg: BenchConfig) -> None:
         say(f"warm-up: {cfg.warmup_steps} steps in {time.perf_counter() - t0:.1f} s (compilation included)")
 
         reset_peak_memory(dist.device)
+        cpu_start = time.process_time()
         step_ms, loss = time_steps(step, cfg.steps, dist.device)
+        cpu_ms = 1000 * (time.process_time() - cpu_start) / cfg.steps
         mean_ms = sum(step_ms) / len(step_ms)
         memory = peak_memory(dist.device)
         # ranks run in lockstep (collectives): average their means
@@ -131,6 +134,9 @@ def main(cfg: BenchConfig) -> None:
             f"({'random tokens' if not cfg.real_data else 'train split'})")
         say(f"ms/iter {mean_ms:.2f} (median {statistics.median(step_ms):.2f}, min {min(step_ms):.2f}, "
             f"max {max(step_ms):.2f}) over {cfg.steps} steps")
+        # CPU seconds of all this process's threads: on a shared machine with --threads=1 it barely moves with
+        # the load, so it compares two CPU settings fairly when wall-clock time cannot
+        say(f"process CPU time {cpu_ms:.2f} ms/iter ({torch.get_num_threads()} threads)")
         say(f"tokens/s {tokens_per_s:,.0f}" + (f" ({dist.world_size} processes)" if dist.is_distributed else ""))
         say(f"achieved {flops(achieved)} per process; MFU " +
             (f"{100 * mfu:.1f}% of {flops(peak_flops)}" if mfu is not None else
@@ -189,7 +195,7 @@ def set_adamw_impl(optimizer, impl: str) -> None:
         group["foreach"] = impl == "foreach"
 
 
-def describe(cfg, model, model_type, dist, dtype, vocab_size, tokens_per_iter, optimizer) -> str:
+def describe(cfg, model, model_type, dist, dtype, matmul_precision, vocab_size, tokens_per_iter, optimizer) -> str:
     group = optimizer.param_groups[0]
     kernel = ("fused" if group.get("fused") else "foreach" if group.get("foreach") else
               "torch's default: foreach on GPUs, for-loop on CPU" if group.get("foreach") is None else "for-loop")
@@ -199,7 +205,8 @@ def describe(cfg, model, model_type, dist, dtype, vocab_size, tokens_per_iter, o
             f"{tokens_per_iter:,} tokens per iteration per process "
             f"({cfg.gradient_accumulation_steps // dist.world_size} x {cfg.batch_size} x {cfg.block_size})\n"
             f"       {dist.world_size} process(es) on {dist.device} ({device_name(dist.device)}), "
-            f"{str(dtype).removeprefix('torch.')}, compile={cfg.compile}, {type(optimizer).__name__} "
+            f"{str(dtype).removeprefix('torch.')} (matmul precision {matmul_precision}), compile={cfg.compile}, "
+            f"{type(optimizer).__name__} "
             f"({kernel if isinstance(optimizer, torch.optim.AdamW) else cfg.optimizer}), "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 

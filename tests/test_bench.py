@@ -119,3 +119,42 @@ def test_missing_data_is_one_clean_line(tmp_path):
                   env={"OMP_NUM_THREADS": "1"}, timeout=120)
     assert_clean_error(proc, "nowhere", "--real_data=False")
     assert snapshot(tmp_path) == before
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    precision, flash = torch.get_float32_matmul_precision(), torch.backends.cuda.flash_sdp_enabled()
+    yield
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cuda.enable_flash_sdp(flash)
+
+
+def test_medium_matmul_precision_only_where_the_cpu_has_bf16(restore_matmul_precision, monkeypatch):
+    from forge import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: False)
+    assert precision.set_matmul_precision("medium", "cpu") == "high"
+    assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.flash_sdp_enabled()
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: True)
+    assert precision.set_matmul_precision("medium", "cpu") == "medium"
+    assert torch.get_float32_matmul_precision() == "medium" and not torch.backends.cuda.flash_sdp_enabled()
+    assert precision.set_matmul_precision("highest", "cpu") == "highest" and torch.backends.cuda.flash_sdp_enabled()
+    with pytest.raises(precision.PrecisionError, match="matmul_precision"):
+        precision.set_matmul_precision("low", "cpu")
+
+
+def test_medium_matmul_precision_keeps_the_loss(restore_matmul_precision):
+    """bf16 products with float32 accumulation: the loss moves by bf16 rounding, not more."""
+    from forge import precision
+
+    if not precision.cpu_has_bf16_matmul():
+        pytest.skip("this CPU has no bf16 matmul hardware: 'medium' falls back to float32")
+    torch.manual_seed(0)
+    model = bench.create_model(BenchConfig(**{**TINY, "n_embd": 64}), "scratch", None, 50)[0]
+    x = torch.randint(0, 50, (4, 16))
+    losses = {}
+    for name in ("highest", "medium"):
+        precision.set_matmul_precision(name, "cpu")
+        losses[name] = model(x, x)[1].item()
+    assert losses["medium"] != losses["highest"]  # the bf16 path really ran
+    assert losses["medium"] == pytest.approx(losses["highest"], abs=2e-2)
