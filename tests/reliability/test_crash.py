@@ -26,10 +26,6 @@ RUN = dict(max_iters=MAX_ITERS, lr_decay_iters=MAX_ITERS, eval_interval=EVAL_INT
            keep_last=KEEP_LAST)
 
 
-def ckpt_temps(out_dir) -> list:
-    return sorted(out_dir.glob(".ckpt.pt.tmp.*"))
-
-
 @pytest.fixture(scope="module")
 def reference(forks, tmp_path_factory, tiny_char_data):
     """The uninterrupted run, started at once and running alongside the interrupted ones; call it for
