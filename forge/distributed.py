@@ -50,14 +50,17 @@ class DistributedError(UserError):
 
 
 class CollectiveError(UserError):
-    """A collective timed out or lost a peer: some other rank hung or died.
+    """A collective timed out (exit code 3) or lost its peer (exit code 4): another rank hung or died.
 
-    Every rank that sees it reports it (rank 0 may be the one that hung), and exits 3, which the
-    launcher (forge/launch.py) knows was already reported.
+    A timeout is reported by every rank that sees it (rank 0 may be the one that hung); a peer that
+    died is named by the launcher (forge/launch.py), so a lost connection is reported like any user
+    error (rank 0 only).
     """
 
-    exit_code = 3
-    report_on_every_rank = True
+    def __init__(self, message: str, timed_out: bool):
+        super().__init__(message)
+        self.exit_code = 3 if timed_out else 4
+        self.report_on_every_rank = timed_out
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,7 @@ def _is_initialized() -> bool:
 
 # How gloo (and NCCL's socket layer) word a peer that stopped answering or went away.
 _PEER_FAILURE = re.compile(r"timed? ?out|timeout|connection (reset|closed|refused)|broken pipe|by peer", re.IGNORECASE)
+_TIMED_OUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
 
 
 def as_collective_error(exc: BaseException, what: str = "a collective", joining: bool = False) -> CollectiveError | None:
@@ -201,7 +205,8 @@ def as_collective_error(exc: BaseException, what: str = "a collective", joining:
     who = f"rank {_joined_rank}" if _joined_rank is not None else f"rank {os.environ.get('RANK', '?')}"
     return CollectiveError(
         f"{who}: {what} failed after waiting up to {_timeout_s:g}s (dist_timeout_s): another rank hung or died; "
-        f"see its output above, or raise dist_timeout_s if a slow step is expected [{first_line.strip()[:200]}]"
+        f"see its output above, or raise dist_timeout_s if a slow step is expected [{first_line.strip()[:200]}]",
+        timed_out=bool(_TIMED_OUT.search(str(exc))),
     )
 
 

@@ -5,11 +5,11 @@
 Takes exactly torchrun's options (`--standalone`, `--nproc_per_node`, `--nnodes`, `--rdzv_endpoint`,
 `--rdzv_id`, `--max_restarts`, ...) and runs torch.distributed.run in this process; the launch/
 scripts call it. What changes is how the job ends:
-- a worker that failed with a user error (exit 2) or a collective error (exit 3) already printed its
-  `error:` line (forge.errors.run_main): exit with its code and add nothing (torchrun would add a
-  ChildFailedError traceback);
+- a worker that failed with a user error (exit 2) or a collective timeout (exit 3) already printed
+  its `error:` line (forge.errors.run_main): exit with its code and add nothing (torchrun would add
+  a ChildFailedError traceback);
 - a worker that crashed or was killed, with no restarts left: one `error:` line naming the rank and
-  the exit code or signal (its own output, above, says why);
+  the exit code or signal (its own output, above, says why), not the ones that lost it (exit 4);
 - a rendezvous that fails (a node never joined, a wrong endpoint): one `error:` line;
 - a user error is not retried: --max_restarts is for workers that died or hung.
 It also gives each worker an equal share of the CPU cores (OMP_NUM_THREADS) unless set, instead of
@@ -20,10 +20,13 @@ restart a fresh rendezvous store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1).
 import logging
 import os
 import re
+import signal
 import sys
 
-USER_ERROR = 2  # forge.errors.UserError: the same mistake on every attempt
-REPORTED_EXIT_CODES = (USER_ERROR, 3)  # and forge.distributed.CollectiveError (3): a peer hung or died
+# Exit codes of workers under forge.errors.run_main:
+USER_ERROR = 2  # a UserError, reported by rank 0: the same mistake on every attempt
+HUNG_PEER = 3  # forge.distributed.CollectiveError after a timeout, reported by every waiting rank
+LOST_PEER = 4  # forge.distributed.CollectiveError after a peer died: the dead one is the cause
 DEFAULT_SHUTDOWN_TIMEOUT_S = "120"
 
 
@@ -39,7 +42,7 @@ def _local_processes(nproc_per_node: str) -> int:
 class _DropReportedFailures(logging.Filter):
     """Drop torchrun's 'failed (exitcode: 2) ...' log line: the worker's `error:` line already said why."""
 
-    _REPORTED = re.compile(r"failed \(exitcode: (%s)\)" % "|".join(map(str, REPORTED_EXIT_CODES)))
+    _REPORTED = re.compile(r"failed \(exitcode: (%d|%d)\)" % (USER_ERROR, HUNG_PEER))
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not self._REPORTED.match(record.getMessage())
@@ -66,6 +69,13 @@ def _no_restart_after_user_errors() -> None:
     LocalElasticAgent._monitor_workers = monitor_workers
 
 
+def _is_cause(failure) -> bool:
+    """A worker that crashed or was killed, not one that torchrun stopped (SIGTERM) or that lost its peer."""
+    if failure.exitcode < 0:
+        return -failure.exitcode != signal.SIGTERM
+    return failure.exitcode != LOST_PEER
+
+
 def _describe(failure) -> str:
     if failure.exitcode < 0:
         return f"was killed by {failure.signal_name()}"
@@ -90,10 +100,12 @@ def main(argv=None) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        reported = [f.exitcode for f in exc.failures.values() if f.exitcode in REPORTED_EXIT_CODES]
-        if reported:  # the workers' own `error:` line says it all (the others were stopped by torchrun)
-            return max(reported)
-        rank, failure = exc.get_first_failure()
+        codes = {failure.exitcode for failure in exc.failures.values()}
+        for reported in (USER_ERROR, HUNG_PEER):  # the workers' own `error:` line says it all
+            if reported in codes:
+                return reported
+        causes = {rank: failure for rank, failure in exc.failures.items() if _is_cause(failure)}
+        rank, failure = min((causes or exc.failures).items(), key=lambda item: item[1].timestamp)
         restarts = f"after {args.max_restarts} restart(s)" if args.max_restarts else "(no restarts: --max_restarts=0)"
         print(
             f"error: worker rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) {_describe(failure)} "

@@ -289,23 +289,34 @@ def test_incompatible_parallelism_options(model, kwargs, needle):
 
 
 def test_run_main_reports_a_collective_failure_in_one_line(monkeypatch, capsys):
-    """A collective that fails inside torch (FSDP's all-gather, the grad norm) is still one line, exit 3."""
+    """A collective that fails inside torch (FSDP's all-gather, the grad norm) is still one line.
+
+    A timeout (a hung peer) is reported by every waiting rank, exit 3; a lost peer (it died, and the
+    launcher names it) like a user error, by rank 0 only, exit 4.
+    """
     from forge.errors import run_main
 
     monkeypatch.setattr(D, "_joined_rank", 1)
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
 
-    def main():
-        raise torch.distributed.DistBackendError("[pair.cc:534] Read error: Connection reset by peer\nmore detail")
+    def failing(message):
+        def main():
+            raise torch.distributed.DistBackendError(message)
+        return main
 
     with pytest.raises(SystemExit) as exit_info:
-        run_main(main)
+        run_main(failing("[unbound_buffer.cc:78] Timed out waiting 2000ms for recv operation\nmore detail"))
     assert exit_info.value.code == 3
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: rank 1: a collective failed")
-    assert "Connection reset by peer" in err and "more detail" not in err
+    assert "Timed out waiting 2000ms" in err and "more detail" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(failing("[pair.cc:534] Read error: Connection reset by peer"))
+    assert exit_info.value.code == 4 and capsys.readouterr().err == ""
     # Unrelated errors are not disguised as collective failures.
     assert D.as_collective_error(ValueError("shape mismatch")) is None
+    assert D.as_collective_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
 
 
 def _failure(rank, exitcode):
@@ -320,7 +331,8 @@ def _failure(rank, exitcode):
         ({1: -9, 0: -15}, 1, ["worker rank 1", "killed by SIGKILL", "--max_restarts=0"]),
         ({0: 1}, 1, ["worker rank 0", "exited with code 1"]),
         ({1: 2, 0: -15}, 2, []),  # a user error: the worker printed its line; nothing to add
-        ({0: 3, 1: -9}, 3, []),  # a collective error, reported by the workers
+        ({0: 3, 1: -9}, 3, []),  # a collective timeout, reported by the waiting workers
+        ({0: 4, 1: -9}, 1, ["worker rank 1", "killed by SIGKILL"]),  # rank 0 lost its peer: name the dead one
     ],
 )
 def test_launcher_reports_worker_failures_in_one_line(monkeypatch, capsys, failures, code, needles):
