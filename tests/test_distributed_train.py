@@ -211,3 +211,22 @@ def test_launchers_check_their_arguments_before_starting(tmp_path, config_file):
     assert_clean_error(launch("multi_node.sh", config_file), "--nnodes")
     assert_clean_error(launch("multi_node.sh", "--nnodes=2", "--rdzv_endpoint=node0", config_file), "HOST:PORT")
     assert_clean_error(launch("slurm.sbatch", config_file, env={"SLURM_JOB_ID": ""}), "sbatch")
+
+
+def test_slurm_script_runs_one_launcher_per_node_with_the_first_host_as_rendezvous(tmp_path, config_file):
+    """scontrol and srun replaced by stand-ins that record what the script asks of them (no SLURM here)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "srun_args"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames node-[a,b]" ] && printf "node-a\\nnode-b\\n"\n')
+    (bin_dir / "srun").write_text(f'#!/bin/sh\nprintf "%s\\n" "NPROC_PER_NODE=$NPROC_PER_NODE" "$@" > {calls}\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node-[a,b]", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_GPUS_ON_NODE": "8"}
+    assert_ok(launch("slurm.sbatch", config_file, "--max_iters=5", env=env))
+    args = calls.read_text().splitlines()
+    assert args[args.index("launch/multi_node.sh"):] == [
+        "launch/multi_node.sh", "--nnodes=2", "--rdzv_endpoint=node-a:29500", "--rdzv_id=slurm-42",
+        str(config_file), "--max_iters=5"]
+    assert "--kill-on-bad-exit=1" in args and "--ntasks-per-node=1" in args
+    assert args[0] == "NPROC_PER_NODE=8"  # one process per GPU SLURM gave the node
