@@ -27,13 +27,13 @@ import torch
 
 from configurator import ConfigError, TrainConfig, load_config
 from forge.data import TokenBatches, load_meta
-from forge.distributed import all_reduce_mean, destroy, gradient_sync, init_distributed, parallelize
+from forge.distributed import all_reduce_mean, destroy, gradient_sync, init_distributed
 from forge.errors import run_main
-from forge.optim import build_optimizer
 from forge.precision import autocast, enable_tf32, resolve_dtype, set_matmul_precision
 from forge.tokenize import DataError
 from model import device_peak_flops
-from train import accumulation_per_rank, create_model, model_vocab_size, optimizer_step, seed_everything, train_step
+from train import (accumulation_per_rank, create_model, model_vocab_size, optimizer_step, parallelize_and_build_optimizer,
+                   seed_everything, train_step)
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -98,12 +98,7 @@ def main(cfg: BenchConfig) -> None:
         model, _, model_type = create_model(cfg, init, None, vocab_size)
         model.to(dist.device)
         scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
-        module = parallelize(model, dist, parallelism=cfg.parallelism, compile=cfg.compile,
-                             activation_checkpointing=cfg.activation_checkpointing)
-        optimizer = build_optimizer(model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate,
-                                    (cfg.beta1, cfg.beta2), device_type, muon_lr=cfg.muon_lr,
-                                    muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
-                                    muon_ns_steps=cfg.muon_ns_steps)
+        module, optimizer = parallelize_and_build_optimizer(cfg, model, dist, dtype)  # as train.py does
         set_adamw_impl(optimizer, cfg.adamw_impl)
         say = print if dist.is_main else (lambda *a, **k: None)
         say(describe(cfg, model, model_type, dist, dtype, matmul_precision, vocab_size, tokens_per_iter, optimizer))

@@ -9,6 +9,7 @@ import torch
 import bench
 from bench import BenchConfig
 from configurator import ConfigError
+from forge.optim import build_optimizer
 from forge.tokenize import DataError
 from tests.util import assert_clean_error, run_py, snapshot
 
@@ -91,7 +92,7 @@ def test_adamw_kernel_switch_keeps_the_arithmetic(impl):
         torch.manual_seed(0)
         cfg = BenchConfig(**TINY)
         model = bench.create_model(cfg, "scratch", None, 50)[0]
-        optimizer = bench.build_optimizer(model, "adamw", 0.1, 1e-2, (0.9, 0.95), "cpu")
+        optimizer = build_optimizer(model, "adamw", 0.1, 1e-2, (0.9, 0.95), "cpu")
         bench.set_adamw_impl(optimizer, kernel)
         x = torch.randint(0, 50, (4, 16))
         model(x, x)[1].backward()
