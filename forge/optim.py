@@ -125,10 +125,11 @@ def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, dtype=None) -> t
     if not wide:  # iterate on the wide orientation, so the Gram matrix X X^T is the small one
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    fused_multiply_add = torch.addmm if X.dim() == 2 else torch.baddbmm  # beta * M + alpha * P @ Q, one kernel
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X  # = a X + b (X X^T) X + c (X X^T)^2 X: odd quintic in the singular values
+        B = fused_multiply_add(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = fused_multiply_add(X, B, X, beta=a)  # a X + b (X X^T) X + c (X X^T)^2 X: odd quintic in the singular values
     return X if wide else X.mT
 
 
@@ -144,7 +145,7 @@ def orthogonalized_update(update: torch.Tensor, ns_steps: int, ns_split: int = 1
         full = orthogonalized_update(update.full_tensor(), ns_steps, ns_split)
         return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
     rows, cols = update.shape
-    blocks = update.reshape(ns_split, rows // ns_split, cols)
+    blocks = update.reshape(ns_split, rows // ns_split, cols) if ns_split > 1 else update
     ortho = zeropower_via_newtonschulz(blocks, ns_steps)
     scale = max(1.0, blocks.size(-2) / blocks.size(-1)) ** 0.5
     return (ortho * scale).reshape(rows, cols).to(update.dtype)
