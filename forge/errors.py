@@ -40,9 +40,14 @@ def register_error_translator(translate) -> None:
 
 
 def run_main(main) -> None:
-    """Call main(); a user error becomes `error: <message>` on stderr (rank 0 only) and exit code 2."""
+    """Call main(); a user error becomes `error: <message>` on stderr (rank 0 only) and exit code 2,
+    Ctrl-C becomes `interrupted` and exit code 130: never a traceback for either."""
     try:
         main()
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one asks train.py to save and stop)
+        if is_rank_zero():
+            print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
     except Exception as raised:
         exc = next(filter(None, (translate(raised) for translate in _TRANSLATORS)), raised)
         if not is_user_error(exc):
