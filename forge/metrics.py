@@ -96,17 +96,30 @@ class MetricsLog:
         """Open metrics.jsonl for appending, first dropping records at or after start_iter (and a torn line)."""
         if not self.enabled:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            kept = [r for r in read_metrics(self.path) if isinstance(r.get("iter"), int) and r["iter"] < start_iter]
-            text = "".join(json.dumps(r) + "\n" for r in kept)
-            atomic_write(self.path, lambda f: f.write(text.encode("utf-8")))
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                kept = [r for r in read_metrics(self.path) if isinstance(r.get("iter"), int) and r["iter"] < start_iter]
+                text = "".join(json.dumps(r) + "\n" for r in kept)
+                atomic_write(self.path, lambda f: f.write(text.encode("utf-8")))
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:  # e.g. a full disk: the old metrics.jsonl is intact (atomic rewrite)
+            raise UserError(f"cannot write {self.path}: {exc.strerror or exc}; free disk space or choose a "
+                            "writable --out_dir") from None
 
     def _record(self, record: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
+            except OSError as exc:  # e.g. a full disk; drop the file so that close() does not fail again
+                file, self._file = self._file, None
+                try:
+                    file.close()
+                except OSError:
+                    pass
+                raise UserError(f"cannot write {self.path}: {exc.strerror or exc}; free disk space or choose a "
+                                "writable --out_dir") from None
         if self._wandb_run is not None:
             self._wandb_run.log({k: v for k, v in record.items() if v is not None})
 
