@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -17,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from forge.metrics import read_metrics
 from forge.optim import (
     NS_COEFFICIENTS,
     Muon,
@@ -26,6 +26,9 @@ from forge.optim import (
     zeropower_via_newtonschulz,
 )
 from model import GPT, GPTConfig
+from tests.util import REPO, run_py
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FULL = StateDictOptions(full_state_dict=True)
 MUON_ARGS = dict(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="cpu")
@@ -201,6 +204,7 @@ def test_state_dict_round_trip_single_process():
 
 
 def _distributed_worker(rank, world_size, store_path, parallelism):
+    torch.set_num_threads(1)  # two processes on a shared 2-core machine
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     try:
@@ -249,3 +253,21 @@ def _distributed_worker(rank, world_size, store_path, parallelism):
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_muon_distributed_equals_single_process(parallelism, tmp_path):
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "store"), parallelism), nprocs=2, join=True)
+
+
+SPEEDRUN_CONFIGS = ["shakespeare_char_speedrun_cpu.py", "shakespeare_char_speedrun.py", "gpt2_124m_speedrun.py"]
+
+
+@pytest.mark.parametrize("config", SPEEDRUN_CONFIGS)
+def test_speedrun_configs_train_a_few_steps_on_cpu(config, tiny_char_data, tmp_path):
+    """The speedrun configs are valid and train under Muon; shapes shrunk, the GPU ones moved to the CPU."""
+    out = tmp_path / "out"
+    small = dict(device="cpu", dtype="float32", compile=False, data_dir=tiny_char_data, out_dir=out, max_iters=3,
+                 eval_interval=3, eval_iters=1, batch_size=2, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                 gradient_accumulation_steps=1, wandb_log=False)
+    run_py("train.py", f"config/{config}", *(f"--{k}={v}" for k, v in small.items()), env={"OMP_NUM_THREADS": "1"},
+           check=True)
+    config_text = (REPO / "config" / config).read_text()
+    assert 'optimizer = "muon"' in config_text
+    evals = [r for r in read_metrics(out) if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 3] and evals[-1]["val_loss"] < evals[0]["val_loss"]
