@@ -68,7 +68,7 @@ class TrainConfig:
     rotary_base: float = 10000.0  # RoPE base (with rotary)
     rmsnorm: bool = False  # RMSNorm instead of LayerNorm
     qk_norm: bool = False  # normalise each head's queries and keys before attention
-    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"  # MLP: GPT-2's 4x GELU, 4x ReLU squared, or SwiGLU
+    mlp: Literal["gelu", "gelu_exact", "relu2", "swiglu"] = "gelu"  # MLP: GPT-2's 4x tanh-GELU, erf GELU (classic nanoGPT), 4x ReLU squared, or SwiGLU
     untied_head: bool = False  # a separate LM head matrix instead of reusing the token embedding
     zero_init_proj: bool = False  # attention and MLP output projections start at zero (blocks start as identity)
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 is off
@@ -101,6 +101,7 @@ class TrainConfig:
     dist_timeout_s: float = 900.0  # seconds a rank waits in a collective before failing with a clear error (a hung peer)
     seed: int = 1337  # base random seed: initial weights use it on every rank, dropout seed + rank
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up in model.py's table
+    matmul_precision: Literal["highest", "high", "medium"] = "high"  # float32 matmuls: 'high' TF32 on GPUs; 'medium' also bf16 products on CPUs with AMX/AVX512-BF16
 
     def __post_init__(self):
         check_types(self)

@@ -46,7 +46,7 @@ class ModelError(ValueError):
     user_error = True
 
 
-MLP_KINDS = ("gelu", "relu2", "swiglu")  # the values GPTConfig.mlp may take
+MLP_KINDS = ("gelu", "gelu_exact", "relu2", "swiglu")  # the values GPTConfig.mlp may take
 
 
 @dataclass
@@ -63,7 +63,7 @@ class GPTConfig:
     rotary_base: float = 10000.0  # RoPE base: rotation i turns by rotary_base ** (-2i / head size) per position
     rmsnorm: bool = False  # RMSNorm (scale only, no mean subtraction, no bias) instead of LayerNorm
     qk_norm: bool = False  # normalise each head's queries and keys before attention (stabler at high lr)
-    mlp: str = "gelu"  # "gelu" (GPT-2's 4x GELU), "relu2" (4x ReLU squared) or "swiglu" (gated SiLU, ~same params)
+    mlp: str = "gelu"  # "gelu" (GPT-2's 4x GELU), "gelu_exact" (erf GELU, classic nanoGPT's), "relu2" (4x ReLU squared) or "swiglu" (gated SiLU, ~same params)
     untied_head: bool = False  # a separate lm_head matrix instead of reusing the token embedding
     zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj start at zero, so every block starts as identity
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), bounding them smoothly; 0 is off
@@ -218,6 +218,9 @@ class MLP(nn.Module):
         if self.kind == "gelu":
             # the tanh approximation is what GPT-2 was trained with (Hugging Face's "gelu_new")
             h = F.gelu(h, approximate="tanh")
+        elif self.kind == "gelu_exact":
+            # the erf form (classic nanoGPT's nn.GELU()): ~2.5x cheaper than tanh on CPUs; not GPT-2's, so no HF export
+            h = F.gelu(h)
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:  # swiglu

@@ -28,7 +28,7 @@ from forge.errors import is_rank_zero, run_main
 from forge.hellaswag import HellaSwagTask
 from forge.metrics import MetricsLog, NonFiniteLossError
 from forge.optim import build_optimizer
-from forge.precision import autocast, enable_tf32, resolve_dtype
+from forge.precision import autocast, enable_tf32, resolve_dtype, set_matmul_precision
 from model import GPT, GPTConfig, build_model, device_peak_flops
 
 GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}  # the rest are options
@@ -49,6 +49,7 @@ def main(cfg: TrainConfig) -> None:
         device_type = torch.device(dist.device).type
         seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
         enable_tf32()
+        set_matmul_precision(cfg.matmul_precision, dist.device)
         ctx = autocast(dist.device, dtype)
         log.info(f"{dist.world_size} process(es) on {dist.device}, {dtype}; {tokens_per_iter:,} tokens per iteration "
                  f"({cfg.gradient_accumulation_steps} x {cfg.batch_size} x {cfg.block_size})")
@@ -77,13 +78,7 @@ def main(cfg: TrainConfig) -> None:
         model.to(dist.device)
         seed_everything(cfg.seed + dist.rank)  # from here on (dropout) every rank draws its own stream
         scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
-        module = parallelize(model, dist, parallelism=cfg.parallelism, compile=cfg.compile,
-                             activation_checkpointing=cfg.activation_checkpointing, param_dtype=dtype)
-        optimizer = build_optimizer(model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate,
-                                    (cfg.beta1, cfg.beta2), device_type, muon_lr=cfg.muon_lr,
-                                    muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
-                                    muon_ns_steps=cfg.muon_ns_steps, embedding_lr=cfg.embedding_lr,
-                                    head_lr=cfg.head_lr)
+        module, optimizer = parallelize_and_build_optimizer(cfg, model, dist, dtype)
         iter_num, best_val_loss, wandb_run_id = 0, math.inf, None
         if ckpt is not None:
             exact = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,
@@ -235,6 +230,19 @@ def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int):
         raise ConfigError(f"the dataset's vocabulary ({vocab_size} ids) is larger than {init}'s "
                           f"({model.config.vocab_size}): prepare the data with the GPT-2 tokenizer")
     return model, dataclasses.asdict(model.config), "gpt"
+
+
+def parallelize_and_build_optimizer(cfg: TrainConfig, model, dist, dtype):
+    """(the module the loop calls, the optimizer): compile and DDP/FSDP applied, then the optimizer
+    (after: FSDP2 swaps parameters for DTensors). bench.py builds its step the same way."""
+    module = parallelize(model, dist, parallelism=cfg.parallelism, compile=cfg.compile,
+                         activation_checkpointing=cfg.activation_checkpointing, param_dtype=dtype)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate,
+                                (cfg.beta1, cfg.beta2), torch.device(dist.device).type, muon_lr=cfg.muon_lr,
+                                muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
+                                muon_ns_steps=cfg.muon_ns_steps, embedding_lr=cfg.embedding_lr,
+                                head_lr=cfg.head_lr)
+    return module, optimizer
 
 
 def check_checkpoint_matches(cfg: TrainConfig, ckpt: dict, vocab_size: int) -> None:

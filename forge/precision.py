@@ -1,5 +1,7 @@
 """Numeric precision: which dtype a run computes in, and the autocast context for it."""
+import re
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -49,6 +51,38 @@ def autocast(device: str, dtype: torch.dtype):
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """True on x86 CPUs with bf16 dot-product hardware: AMX-BF16 or AVX512-BF16 (Xeon Sapphire Rapids+, AMD Zen 4+)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: oneDNN's bf16 path is not worth guessing at
+        return False
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", cpuinfo) is not None
+
+
+def set_matmul_precision(precision: str, device: str) -> str:
+    """How float32 matmuls compute in this process (torch.set_float32_matmul_precision); returns what applies.
+
+    'highest': exact float32. 'high': TF32 on Ampere+ GPUs, exact float32 on CPUs (the default).
+    'medium': on a CPU with bf16 hardware, products in bfloat16 with float32 accumulation through
+    oneDNN (AMX): ~3x faster matmuls, the CPU's counterpart of TF32; weights, activations and the
+    optimizer stay float32. CPU attention then takes PyTorch's math kernel, because the flash
+    kernel's many tiny matmuls are much slower on that path. Elsewhere 'medium' falls back to 'high'.
+    """
+    if precision not in MATMUL_PRECISIONS:
+        raise PrecisionError(f"matmul_precision={precision!r} is unknown; use {', '.join(MATMUL_PRECISIONS)}")
+    on_cpu = torch.device(device).type == "cpu"
+    if precision == "medium" and on_cpu and not cpu_has_bf16_matmul():
+        precision = "high"
+    torch.set_float32_matmul_precision(precision)
+    if on_cpu:  # process-wide flags (named cuda, they steer the CPU's choice too)
+        torch.backends.cuda.enable_flash_sdp(precision != "medium")
+    return precision
 
 
 def enable_tf32() -> None:

@@ -55,7 +55,7 @@ def test_each_option_trains(name):
 
 
 def test_config_rejects_bad_option_values():
-    with pytest.raises(ModelError, match=r"mlp='geglu' is not one of 'gelu', 'relu2', 'swiglu'"):
+    with pytest.raises(ModelError, match=r"mlp='geglu' is not one of 'gelu', 'gelu_exact', 'relu2', 'swiglu'"):
         GPTConfig(mlp="geglu")
     with pytest.raises(ModelError, match="rotary needs an even head size"):
         GPTConfig(n_embd=30, n_head=2, rotary=True)
@@ -112,7 +112,7 @@ def test_qk_norm_normalises_each_heads_queries_and_keys():
         torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(2, 2, 9), atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["gelu", "relu2", "swiglu"])
+@pytest.mark.parametrize("kind", ["gelu", "gelu_exact", "relu2", "swiglu"])
 def test_mlp_kinds_compute_their_formula(kind):
     torch.manual_seed(0)
     mlp = MLP(GPTConfig(**SMALL, mlp=kind)).eval()
@@ -120,6 +120,8 @@ def test_mlp_kinds_compute_their_formula(kind):
     h = x @ mlp.c_fc.weight.T + mlp.c_fc.bias
     if kind == "gelu":
         h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))  # HF's gelu_new
+    elif kind == "gelu_exact":
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # classic nanoGPT's nn.GELU()
     elif kind == "relu2":
         h = torch.clamp(h, min=0) ** 2
     else:
