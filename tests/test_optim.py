@@ -271,3 +271,10 @@ def test_speedrun_configs_train_a_few_steps_on_cpu(config, tiny_char_data, tmp_p
     assert 'optimizer = "muon"' in config_text
     evals = [r for r in read_metrics(out) if "val_loss" in r]
     assert [r["iter"] for r in evals] == [0, 3] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_speed_record_clock_starts_with_the_process():
+    """time_s (what speed records read) counts from the interpreter's start, not from an import."""
+    code = "import time; time.sleep(1.0); import forge.metrics as m; print(time.time() - m.PROCESS_START)"
+    age_at_import = float(run_py("-c", code, check=True).stdout)
+    assert 1.0 <= age_at_import < 30
