@@ -29,7 +29,7 @@ from configurator import ConfigError, TrainConfig, load_config
 from forge.data import TokenBatches, load_meta
 from forge.distributed import all_reduce_mean, destroy, gradient_sync, init_distributed
 from forge.errors import run_main
-from forge.precision import autocast, enable_tf32, resolve_dtype, set_matmul_precision
+from forge.precision import autocast, resolve_dtype, set_matmul_precision
 from forge.tokenize import DataError
 from model import device_peak_flops
 from train import (accumulation_per_rank, create_model, model_vocab_size, optimizer_step, parallelize_and_build_optimizer,
@@ -89,7 +89,6 @@ def main(cfg: BenchConfig) -> None:
         dtype = resolve_dtype(cfg.dtype, dist.device)
         device_type = torch.device(dist.device).type
         seed_everything(cfg.seed + dist.rank)
-        enable_tf32()
         matmul_precision = set_matmul_precision(cfg.matmul_precision, dist.device)
         ctx = autocast(dist.device, dtype)
 

@@ -35,7 +35,7 @@ from forge.distributed import all_reduce_mean, destroy, init_distributed
 from forge.errors import run_main
 from forge.hellaswag import DEFAULT_CACHE_DIR, check_tokenizer, hellaswag_accuracy, load_hellaswag
 from forge.inference import load_for_inference
-from forge.precision import autocast, enable_tf32, resolve_dtype
+from forge.precision import autocast, resolve_dtype, set_matmul_precision
 
 
 @dataclass
@@ -106,7 +106,7 @@ def main(cfg: EvalConfig) -> None:
     dist = init_distributed(cfg.device, backend=None if cfg.backend == "auto" else cfg.backend)
     try:
         dtype = resolve_dtype(cfg.dtype, dist.device)
-        enable_tf32()
+        set_matmul_precision("high", dist.device)  # TF32 on Ampere+ GPUs
         ctx = autocast(dist.device, dtype)
         say = print if dist.is_main else (lambda *a, **k: None)
         if cfg.loss and cfg.init_from != "resume":  # missing data fails before a GPT-2 download of up to 6 GB

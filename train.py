@@ -28,7 +28,7 @@ from forge.errors import is_rank_zero, run_main
 from forge.hellaswag import HellaSwagTask
 from forge.metrics import MetricsLog, NonFiniteLossError
 from forge.optim import build_optimizer
-from forge.precision import autocast, enable_tf32, resolve_dtype, set_matmul_precision
+from forge.precision import autocast, resolve_dtype, set_matmul_precision
 from model import GPT, GPTConfig, build_model, device_peak_flops
 
 GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}  # the rest are options
@@ -48,7 +48,6 @@ def main(cfg: TrainConfig) -> None:
         dtype = resolve_dtype(cfg.dtype, dist.device)
         device_type = torch.device(dist.device).type
         seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
-        enable_tf32()
         set_matmul_precision(cfg.matmul_precision, dist.device)
         ctx = autocast(dist.device, dtype)
         log.info(f"{dist.world_size} process(es) on {dist.device}, {dtype}; {tokens_per_iter:,} tokens per iteration "

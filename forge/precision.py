@@ -68,7 +68,8 @@ def cpu_has_bf16_matmul() -> bool:
 def set_matmul_precision(precision: str, device: str) -> str:
     """How float32 matmuls compute in this process (torch.set_float32_matmul_precision); returns what applies.
 
-    'highest': exact float32. 'high': TF32 on Ampere+ GPUs, exact float32 on CPUs (the default).
+    'highest': exact float32. 'high': TF32 on Ampere+ GPUs (float32 runs ~8x faster; precision
+    rarely matters), exact float32 on CPUs (the default).
     'medium': on a CPU with bf16 hardware, products in bfloat16 with float32 accumulation through
     oneDNN (AMX): ~3x faster matmuls, the CPU's counterpart of TF32; weights, activations and the
     optimizer stay float32. CPU attention then takes PyTorch's math kernel, because the flash
@@ -84,8 +85,3 @@ def set_matmul_precision(precision: str, device: str) -> str:
         torch.backends.cuda.enable_flash_sdp(precision != "medium")
     return precision
 
-
-def enable_tf32() -> None:
-    """TF32 matmuls and convolutions on Ampere+ GPUs (float32 runs ~8x faster, precision rarely matters)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
