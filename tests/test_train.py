@@ -1,6 +1,7 @@
 """train.py end to end on tiny CPU runs: learning, a golden loss trace, exact resume, SIGTERM, divergence, bad input."""
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -168,8 +169,9 @@ def test_wandb_offline_writes_files_and_resume_keeps_the_run(tmp_path, tiny_char
     train.main(tiny_config(out, tiny_char_data, max_iters=4, wandb_log=True, wandb_project="gptforge-test",
                            init_from="resume"))
     assert load_checkpoint(out)["wandb_run_id"] == run_id
-    runs = sorted((out / "wandb").glob("offline-run-*"))  # one folder per start (one if both began in the same second)
-    assert runs and all(r.name.endswith(run_id) for r in runs)
+    # one folder per start: offline-run-<time>-<id>, with "-1" appended when both began in the same second
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", r.name) for r in runs)
     assert all((r / f"run-{run_id}.wandb").stat().st_size > 0 for r in runs)
 
 
