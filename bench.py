@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 
 from configurator import ConfigError, TrainConfig, load_config
+from forge.cpu import retain_freed_memory
 from forge.data import TokenBatches, load_meta
 from forge.distributed import all_reduce_mean, destroy, gradient_sync, init_distributed
 from forge.errors import run_main
@@ -49,6 +50,7 @@ class BenchConfig(TrainConfig):
     profile_steps: int = 5  # steps recorded in the profiler trace
     adamw_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # AdamW kernel; auto: the model's choice
     threads: int = 0  # torch.set_num_threads for this run; 0: torch's default
+    retain_freed_memory: bool = True  # CPU: keep freed memory for reuse as train.py does; False: glibc's default (classic)
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,6 +92,8 @@ def main(cfg: BenchConfig) -> None:
         device_type = torch.device(dist.device).type
         seed_everything(cfg.seed + dist.rank)
         matmul_precision = set_matmul_precision(cfg.matmul_precision, dist.device)
+        if device_type == "cpu" and cfg.retain_freed_memory:
+            retain_freed_memory()  # as train.py does
         ctx = autocast(dist.device, dtype)
 
         batches, vocab_size = open_batches(cfg, dist)
@@ -112,9 +116,10 @@ def main(cfg: BenchConfig) -> None:
         say(f"warm-up: {cfg.warmup_steps} steps in {time.perf_counter() - t0:.1f} s (compilation included)")
 
         reset_peak_memory(dist.device)
-        cpu_start = time.process_time()
+        cpu_start, faults_start = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step_ms, loss = time_steps(step, cfg.steps, dist.device)
         cpu_ms = 1000 * (time.process_time() - cpu_start) / cfg.steps
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start) / cfg.steps
         mean_ms = sum(step_ms) / len(step_ms)
         memory = peak_memory(dist.device)
         # ranks run in lockstep (collectives): average their means
@@ -130,7 +135,8 @@ def main(cfg: BenchConfig) -> None:
             f"max {max(step_ms):.2f}) over {cfg.steps} steps")
         # CPU seconds of all this process's threads: on a shared machine with --threads=1 it barely moves with
         # the load, so it compares two CPU settings fairly when wall-clock time cannot
-        say(f"process CPU time {cpu_ms:.2f} ms/iter ({torch.get_num_threads()} threads)")
+        say(f"process CPU time {cpu_ms:.2f} ms/iter ({torch.get_num_threads()} threads), "
+            f"{faults:,.0f} minor page faults/iter (memory the kernel maps in again)")
         say(f"tokens/s {tokens_per_s:,.0f}" + (f" ({dist.world_size} processes)" if dist.is_distributed else ""))
         say(f"achieved {flops(achieved)} per process; MFU " +
             (f"{100 * mfu:.1f}% of {flops(peak_flops)}" if mfu is not None else
@@ -202,7 +208,9 @@ def describe(cfg, model, model_type, dist, dtype, matmul_precision, vocab_size, 
             f"{str(dtype).removeprefix('torch.')} (matmul precision {matmul_precision}), compile={cfg.compile}, "
             f"{type(optimizer).__name__} "
             f"({kernel if isinstance(optimizer, torch.optim.AdamW) else cfg.optimizer}), "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+            + (f", freed memory {'retained' if cfg.retain_freed_memory else 'returned (glibc default)'}"
+               if torch.device(dist.device).type == "cpu" else ""))
 
 
 def device_name(device: str) -> str:

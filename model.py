@@ -159,6 +159,27 @@ class KVCache:
         self.pos += n_tokens
 
 
+def causal_attention(q, k, v, dropout_p):
+    """softmax(q k^T / sqrt(hs) + causal mask) v for q (B, nh, T, hs) and k, v (B, nh, S, hs).
+
+    Either S == T (training, or a prompt filling an empty KV cache) or T == 1 (one new token, which
+    attends to the whole cache).
+    """
+    B, nh, T, hs = q.size()
+    S = k.size(2)
+    if q.device.type == "cpu" and torch.get_float32_matmul_precision() == "medium":
+        # bf16 matmul products on a CPU (forge/precision.py): SDPA's math kernel would compute in exact
+        # float32 and its flash kernel's many tiny matmuls crawl there, so two plain batched matmuls
+        # with an additive mask run ~2x faster (docs/BENCHMARKS.md)
+        mask = torch.full((T, S), float("-inf"), device=q.device, dtype=q.dtype).triu(S - T + 1)  # 0 where seen
+        att = torch.baddbmm(mask, q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2),
+                            alpha=1.0 / math.sqrt(hs))  # (B * nh, T, S)
+        att = F.dropout(F.softmax(att, dim=-1), dropout_p)
+        return torch.bmm(att, v.reshape(B * nh, S, hs)).view(B, nh, T, hs)
+    # flash/memory-efficient kernels where available; a single new token needs no mask
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -189,11 +210,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, pos+T, hs)
-        # softmax(q k^T / sqrt(hs)) v, causal within the new tokens; flash/memory-efficient kernels
-        # where available. A single new token (T == 1) attends to the whole cache, so no mask then.
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1
-        )  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 

@@ -21,6 +21,7 @@ import torch
 from configurator import ConfigError, TrainConfig, config_dict, load_config
 from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, load_model_weights,
                               restore_training_state, save_training_state)
+from forge.cpu import retain_freed_memory
 from forge.data import TokenBatches, load_meta
 from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, parallelize,
                                restart_count)
@@ -49,6 +50,8 @@ def main(cfg: TrainConfig) -> None:
         device_type = torch.device(dist.device).type
         seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
         set_matmul_precision(cfg.matmul_precision, dist.device)
+        if device_type == "cpu":
+            retain_freed_memory()  # each step re-allocates its activations: no page faults for them
         ctx = autocast(dist.device, dtype)
         log.info(f"{dist.world_size} process(es) on {dist.device}, {dtype}; {tokens_per_iter:,} tokens per iteration "
                  f"({cfg.gradient_accumulation_steps} x {cfg.batch_size} x {cfg.block_size})")

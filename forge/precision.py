@@ -72,8 +72,8 @@ def set_matmul_precision(precision: str, device: str) -> str:
     rarely matters), exact float32 on CPUs (the default).
     'medium': on a CPU with bf16 hardware, products in bfloat16 with float32 accumulation through
     oneDNN (AMX): ~3x faster matmuls, the CPU's counterpart of TF32; weights, activations and the
-    optimizer stay float32. CPU attention then takes PyTorch's math kernel, because the flash
-    kernel's many tiny matmuls are much slower on that path. Elsewhere 'medium' falls back to 'high'.
+    optimizer stay float32. model.py's attention then uses plain batched matmuls on the CPU, because
+    SDPA's kernels are slower on that path. Elsewhere 'medium' falls back to 'high'.
     """
     if precision not in MATMUL_PRECISIONS:
         raise PrecisionError(f"matmul_precision={precision!r} is unknown; use {', '.join(MATMUL_PRECISIONS)}")
@@ -81,7 +81,5 @@ def set_matmul_precision(precision: str, device: str) -> str:
     if precision == "medium" and on_cpu and not cpu_has_bf16_matmul():
         precision = "high"
     torch.set_float32_matmul_precision(precision)
-    if on_cpu:  # process-wide flags (named cuda, they steer the CPU's choice too)
-        torch.backends.cuda.enable_flash_sdp(precision != "medium")
     return precision
 

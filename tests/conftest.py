@@ -18,10 +18,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 @pytest.fixture(autouse=True)
 def _clean_torch_state():
-    """Each test starts from the default dtype and no process group, whatever the previous one did."""
-    default_dtype = torch.get_default_dtype()
+    """Each test starts from the default dtype and matmul precision and no process group, whatever the previous one did."""
+    default_dtype, matmul_precision = torch.get_default_dtype(), torch.get_float32_matmul_precision()
     yield
     torch.set_default_dtype(default_dtype)
+    torch.set_float32_matmul_precision(matmul_precision)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

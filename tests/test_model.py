@@ -75,6 +75,34 @@ def test_sdpa_attention_equals_explicit_masked_softmax():
     torch.testing.assert_close(attn(x), expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["high", "medium"])  # medium on a CPU: the plain-matmul path, not SDPA
+def test_causal_attention_equals_masked_softmax_with_and_without_a_cache(precision):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 9, 16).unbind(0)  # (B, nh, T, hs) each
+    scores = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(16)
+    mask = torch.tril(torch.ones(9, 9, dtype=torch.bool))
+    expected = F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v.double()
+    torch.set_float32_matmul_precision(precision)
+    tolerance = dict(atol=3e-2, rtol=3e-2) if precision == "medium" else dict(atol=1e-5, rtol=1e-5)  # bf16 products
+    torch.testing.assert_close(model_module.causal_attention(q, k, v, 0.0).double(), expected, **tolerance)
+    # the last token alone against keys and values for all 9 positions (a KV cache): the last row
+    last = model_module.causal_attention(q[:, :, -1:], k, v, 0.0)
+    torch.testing.assert_close(last.double(), expected[:, :, -1:], **tolerance)
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_causal_attention_with_dropout_never_looks_ahead(precision):
+    torch.set_float32_matmul_precision(precision)
+    torch.manual_seed(0)
+    q, k, v = (t.requires_grad_() for t in torch.randn(3, 2, 4, 9, 16).unbind(0))
+    y = model_module.causal_attention(q, k, v, 0.5)
+    y[:, :, 3].sum().backward()  # position 3's output
+    for grad in (k.grad, v.grad):
+        assert grad[:, :, 4:].abs().max() == 0 and grad[:, :, :4].abs().max() > 0
+    y2 = model_module.causal_attention(q, k, v, 0.5)
+    assert not torch.equal(y, y2)  # dropout really applied: two draws differ
+
+
 def test_forward_shapes_and_last_position_logits():
     model = make_gpt()
     idx = tokens(3, 10)
