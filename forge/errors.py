@@ -1,7 +1,9 @@
 """Turn a user's mistake into one clear line and a non-zero exit, never a traceback."""
 import argparse
+import json
 import os
 import sys
+import time
 
 
 class UserError(Exception):
@@ -40,8 +42,8 @@ def register_error_translator(translate) -> None:
 
 
 def run_main(main) -> None:
-    """Call main(); a user error becomes `error: <message>` on stderr (rank 0 only) and exit code 2,
-    Ctrl-C becomes `interrupted` and exit code 130: never a traceback for either."""
+    """Call main(); a user error becomes `error: <message>` on stderr (rank 0 and each node's local
+    rank 0 only) and exit code 2, Ctrl-C becomes `interrupted` and exit code 130: never a traceback."""
     try:
         main()
     except KeyboardInterrupt:  # a second Ctrl-C (the first one asks train.py to save and stop)
@@ -56,4 +58,22 @@ def run_main(main) -> None:
         # node, whose output is often a separate log. Some (a rank that hung) only the other ranks see.
         if is_rank_zero() or os.environ.get("LOCAL_RANK") == "0" or getattr(exc, "report_on_every_rank", False):
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        record_for_launcher(str(exc))
         sys.exit(getattr(exc, "exit_code", 2))
+
+
+def record_for_launcher(message: str) -> None:
+    """Under torchrun, write message to this worker's error file (torchelastic's JSON format).
+
+    torchrun reads the file into the failure it reports. forge.launch prints the message when only
+    ranks that print nothing hit the error (a data file missing on one node's disk, say).
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": message, "timestamp": int(time.time())}
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+    except OSError:  # the report is a courtesy: never let it hide the error's exit code
+        pass

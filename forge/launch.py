@@ -7,7 +7,8 @@ Takes exactly torchrun's options (`--standalone`, `--nproc_per_node`, `--nnodes`
 scripts call it. What changes is how the job ends:
 - a worker that failed with a user error (exit 2) or a collective timeout (exit 3) already printed
   its `error:` line (forge.errors.run_main): exit with its code and add nothing (torchrun would add
-  a ChildFailedError traceback);
+  a ChildFailedError traceback). A user error that only ranks which print nothing hit is printed
+  here, from the worker's error file;
 - a worker that crashed or was killed, with no restarts left: one `error:` line naming the rank and
   the exit code or signal (its own output, above, says why), not the ones that lost it (exit 4);
 - a rendezvous that fails (a node never joined, a wrong endpoint): one `error:` line;
@@ -82,6 +83,21 @@ def _describe(failure) -> str:
     return f"exited with code {failure.exitcode}"
 
 
+def report_unprinted_user_error(failures: dict) -> None:
+    """Print a user error that only ranks which print nothing hit (not local rank 0 of this node).
+
+    forge.errors.run_main prints on rank 0 and each node's local rank 0, and every worker leaves its
+    message in its torchelastic error file, which torchrun reads into the failure.
+    """
+    user_errors = {rank: failure for rank, failure in failures.items() if failure.exitcode == USER_ERROR}
+    if not user_errors or any(failure.local_rank == 0 for failure in user_errors.values()):
+        return  # none, or already printed by local rank 0
+    rank, failure = min(user_errors.items(), key=lambda item: item[1].timestamp)
+    recorded = isinstance(failure.error_file_data.get("message"), str)
+    message = failure.message if recorded else "a user error it did not report (not run through forge.errors.run_main)"
+    print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -100,6 +116,7 @@ def main(argv=None) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
+        report_unprinted_user_error(exc.failures)
         codes = {failure.exitcode for failure in exc.failures.values()}
         for reported in (USER_ERROR, HUNG_PEER):  # the workers' own `error:` line says it all
             if reported in codes:

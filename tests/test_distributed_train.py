@@ -205,6 +205,28 @@ def test_world_size_not_dividing_accumulation_is_one_line_on_every_rank(tmp_path
     assert not (tmp_path / "bad" / "ckpt.pt").exists()
 
 
+ONLY_RANK_1_FAILS = """
+import os
+from forge.errors import UserError, run_main
+
+def main():
+    if os.environ["RANK"] == "1":
+        raise UserError("data/only-here/train.bin is missing on this node: copy the data folder there")
+
+run_main(main)
+"""
+
+
+def test_user_error_only_a_silent_rank_hits_is_reported_once_by_the_launcher(tmp_path):
+    """run_main prints on local rank 0 only; the launcher prints what rank 1 alone hit, and never restarts it."""
+    script = tmp_path / "only_rank_1_fails.py"
+    script.write_text(ONLY_RANK_1_FAILS)
+    proc = subprocess.run([sys.executable, "-m", "forge.launch", "--standalone", "--nproc_per_node=2", "--max_restarts=3",
+                           str(script)], cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=120)
+    assert_clean_error(proc, "rank 1", "data/only-here/train.bin is missing on this node")
+    assert proc.returncode == 2
+
+
 def test_launchers_check_their_arguments_before_starting(tmp_path, config_file):
     assert_clean_error(launch("single_node.sh", config_file, "--max_itrs=3"), "max_itrs", "max_iters")
     assert_clean_error(launch("single_node.sh", "--nproc_per_node=two", config_file), "nproc_per_node")
