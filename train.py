@@ -181,7 +181,7 @@ def seed_everything(seed: int) -> None:
 def resolve_init(init_from: str, out_dir: str, eval_only: bool = False):
     """('scratch' | 'resume' | pretrained name or dir, checkpoint dict or None); never plans to overwrite a run."""
     exists = has_checkpoint(out_dir)
-    if init_from == "auto" or (exists and restart_count() > 0):  # torchrun restarted us: continue the run
+    if init_from == "auto" or (exists and restart_count() > 0):  # torchrun or SLURM restarted us: continue the run
         init_from = "resume" if exists else "scratch"
     if init_from == "resume":
         if not exists:

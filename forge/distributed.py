@@ -176,8 +176,9 @@ def init_distributed(
 
 
 def restart_count() -> int:
-    """How many times torchrun restarted this job's workers after a failure (0: first attempt, or no torchrun)."""
-    return _env_int("TORCHELASTIC_RESTART_COUNT") or 0
+    """How many times this job was restarted: torchrun's worker restarts after a failure plus SLURM's
+    requeues (after preemption or the time limit with --requeue). 0: the first attempt, or neither."""
+    return (_env_int("TORCHELASTIC_RESTART_COUNT") or 0) + (_env_int("SLURM_RESTART_COUNT") or 0)
 
 
 def _is_initialized() -> bool:

@@ -175,7 +175,7 @@ def test_wandb_offline_writes_files_and_resume_keeps_the_run(tmp_path, tiny_char
     assert all((r / f"run-{run_id}.wandb").stat().st_size > 0 for r in runs)
 
 
-def test_finetune_from_a_local_hf_gpt2_directory(tmp_path, tiny_char_data):
+def test_finetune_from_a_local_hf_gpt2_directory(tmp_path, tiny_char_data, monkeypatch):
     from model import GPT, GPTConfig
 
     torch.manual_seed(0)
@@ -187,6 +187,12 @@ def test_finetune_from_a_local_hf_gpt2_directory(tmp_path, tiny_char_data):
     assert ckpt["model_args"]["n_layer"] == 2 and ckpt["model_args"]["dropout"] == 0.1  # shape from the weights
     train.main(tiny_config(out, tiny_char_data, init_from="resume", n_layer=12, max_iters=4))  # the same config resumes
     assert load_checkpoint(out)["iter_num"] == 4
+    finetune = tiny_config(out, tiny_char_data, init_from=str(tmp_path / "hf"), n_layer=12, max_iters=6)
+    with pytest.raises(CheckpointError, match="already exists and init_from=.* would overwrite it"):
+        train.main(finetune)  # a second fine-tune into the same out_dir
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # but a requeued SLURM job continues its run
+    train.main(finetune)
+    assert load_checkpoint(out)["iter_num"] == 6
     with pytest.raises(train.ConfigError, match="rotary=True cannot apply to .*pretrained architecture"):
         train.main(tiny_config(tmp_path / "opt", tiny_char_data, init_from=str(tmp_path / "hf"), rotary=True))
 
