@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -150,8 +151,12 @@ def load_checkpoint(out_dir_or_path) -> dict:
         raise CheckpointError(f"no checkpoint at {path}; train one first (init_from=scratch) or check out_dir")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (an interrupted copy?); delete it or restore a good copy")
+    # Memory-map the tensors instead of reading them in: each of a node's ranks would otherwise hold its own
+    # copy of the whole checkpoint (8 x ~19 GB for GPT-2 1.5B with AdamW); mapped, they share the page cache.
+    # Only for the zip format (torch >= 1.6) and on POSIX (Windows cannot replace a mapped file on save).
+    mmap = os.name == "posix" and zipfile.is_zipfile(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if code:  # weights_only refused a reference to a class or function: loading it would run code

@@ -86,16 +86,21 @@ def _describe(failure) -> str:
 def report_unprinted_user_error(failures: dict) -> None:
     """Print a user error that only ranks which print nothing hit (not local rank 0 of this node).
 
-    forge.errors.run_main prints on rank 0 and each node's local rank 0, and every worker leaves its
-    message in its torchelastic error file, which torchrun reads into the failure.
+    forge.errors.run_main prints on rank 0 and each node's local rank 0, then leaves the message in
+    the worker's torchelastic error file, which torchrun reads into the failure. Local rank 0 printed
+    if its file holds a message, whatever its exit code (torchrun may have stopped it just after).
     """
     user_errors = {rank: failure for rank, failure in failures.items() if failure.exitcode == USER_ERROR}
-    if not user_errors or any(failure.local_rank == 0 for failure in user_errors.values()):
-        return  # none, or already printed by local rank 0
+    if not user_errors or any(failure.local_rank == 0 and _recorded(failure) for failure in failures.values()):
+        return  # none, or local rank 0 printed one
     rank, failure = min(user_errors.items(), key=lambda item: item[1].timestamp)
-    recorded = isinstance(failure.error_file_data.get("message"), str)
-    message = failure.message if recorded else "a user error it did not report (not run through forge.errors.run_main)"
+    message = failure.message if _recorded(failure) else "a user error it did not report (not run through run_main)"
     print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
+
+
+def _recorded(failure) -> bool:
+    """The worker wrote its user error to its error file (forge.errors.record_for_launcher)."""
+    return os.path.isfile(failure.error_file) and isinstance(failure.error_file_data.get("message"), str)
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
 """forge/checkpoint.py: atomic saves, history, safe and clear loading, RNG state, old nanoGPT checkpoints."""
 import errno
+import os
 import random
 
 import numpy as np
@@ -11,7 +12,7 @@ from forge import checkpoint
 from forge.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from model import GPT, GPTConfig
 from tests.test_train import tiny_config
-from tests.util import snapshot
+from tests.util import run_py, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ARGS = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, dropout=0.0, bias=True)
@@ -106,6 +107,27 @@ def test_load_model_rejects_weights_of_another_shape(tmp_path):
     save_checkpoint(tmp_path, s)
     with pytest.raises(CheckpointError, match=r"does not fit the model \(shape of"):
         load_model(tmp_path)
+
+
+# Loads a 128 MiB checkpoint and prints how much the process's resident memory grew, in MiB.
+RESIDENT_GROWTH_ON_LOAD = """
+import os, sys
+from forge.checkpoint import load_checkpoint
+def resident_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+before = resident_mib()
+ckpt = load_checkpoint(sys.argv[1])
+print(resident_mib() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from Linux's /proc")
+def test_loading_maps_the_checkpoint_instead_of_copying_it(tmp_path):
+    """Every rank loads the checkpoint on resume: mapped, they share the page cache instead of a copy each."""
+    save_checkpoint(tmp_path, {"model": {"w": torch.ones(32 * 1024 * 1024)}, "iter_num": 1})  # 128 MiB
+    growth_mib = int(run_py("-c", RESIDENT_GROWTH_ON_LOAD, tmp_path, check=True).stdout)
+    assert growth_mib < 32  # read into memory, it would be >= 128
+    assert float(load_checkpoint(tmp_path)["model"]["w"][-1]) == 1.0
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):

@@ -319,10 +319,13 @@ def test_run_main_reports_a_collective_failure_in_one_line(monkeypatch, capsys):
     assert D.as_collective_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
 
 
-def _failure(rank, exitcode):
+def _failure(rank, exitcode, error_file=""):
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file="")
+    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(error_file))
+
+
+USER = "data/x/train.bin is missing"  # a user error's message, left in the error file by forge.errors.run_main
 
 
 @pytest.mark.parametrize(
@@ -330,19 +333,30 @@ def _failure(rank, exitcode):
     [
         ({1: -9, 0: -15}, 1, ["worker rank 1", "killed by SIGKILL", "--max_restarts=0"]),
         ({0: 1}, 1, ["worker rank 0", "exited with code 1"]),
-        ({1: 2, 0: -15}, 2, []),  # a user error: the worker printed its line; nothing to add
+        ({1: (2, USER), 0: (2, USER)}, 2, []),  # a user error: local rank 0 printed its line; nothing to add
+        ({1: (2, USER), 0: (-15, USER)}, 2, []),  # local rank 0 printed it, then torchrun stopped it
+        ({1: (2, USER), 0: -15}, 2, ["rank 1: " + USER]),  # only rank 1 hit it: nobody printed it
+        ({1: 2, 0: -15}, 2, ["rank 1: a user error it did not report"]),  # a worker outside run_main
         ({0: 3, 1: -9}, 3, []),  # a collective timeout, reported by the waiting workers
         ({0: 4, 1: -9}, 1, ["worker rank 1", "killed by SIGKILL"]),  # rank 0 lost its peer: name the dead one
     ],
 )
-def test_launcher_reports_worker_failures_in_one_line(monkeypatch, capsys, failures, code, needles):
+def test_launcher_reports_worker_failures_in_one_line(monkeypatch, capsys, tmp_path, failures, code, needles):
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from forge import launch
+    from forge import errors, launch
+
+    def failure(rank, spec):
+        exitcode, message = spec if isinstance(spec, tuple) else (spec, None)
+        if message is None:
+            return _failure(rank, exitcode)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"error-{rank}.json"))
+        errors.record_for_launcher(message)
+        return _failure(rank, exitcode, tmp_path / f"error-{rank}.json")
 
     def failing_run(args):
-        raise ChildFailedError("train.py", {rank: _failure(rank, c) for rank, c in failures.items()})
+        raise ChildFailedError("train.py", {rank: failure(rank, spec) for rank, spec in failures.items()})
 
     monkeypatch.setattr(torchrun, "run", failing_run)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
