@@ -16,8 +16,8 @@ def retain_freed_memory() -> bool:
     its activations and oneDNN's scratch buffers and allocates them again in the next step. By
     default glibc serves blocks over a dynamic threshold (128 KiB at first) with mmap and trims the
     heap top, so that memory goes back to the kernel and every step page-faults it in again: about
-    2,000-6,000 minor faults per step of config/shakespeare_char_cpu.py, 10-20 % of its step time
-    (docs/BENCHMARKS.md). With these settings the memory stays mapped at the steps' peak, which a
+    2,300-5,400 minor faults per step of config/shakespeare_char_cpu.py, which took its step from
+    18.3 to 25.1 ms (docs/BENCHMARKS.md). With these settings the memory stays mapped at the steps' peak, which a
     training process reaches every step anyway. A no-op (False) where the C library is not glibc.
     """
     libc_name = ctypes.util.find_library("c")
