@@ -16,7 +16,9 @@ from forge.checkpoint import load_checkpoint
 from forge.metrics import read_metrics
 from tests.reliability.conftest import cli, wait_for
 
-MAX_ITERS = 80  # long enough that 20+ interruptions never finish the run early (each one progresses <= 6 steps)
+# 22 interruptions never finish the run early: each waits for at most 4 steps and kills before the next one is
+# logged, so it moves the checkpoint on by at most 6 (one more for the polling delay, one to the next even step)
+MAX_ITERS = 140
 EVAL_INTERVAL = 2  # a checkpoint every 2 steps, so kills land inside saves
 KILL_SEED, MIN_KILLS = 7, 22
 TEAR_EVERY = 5  # after every 5th kill, metrics.jsonl also gets a torn last line, which the resume must repair
@@ -82,6 +84,11 @@ class Watcher:
         self.text = self.child.stdout()
         return len(re.findall(pattern, self.text, flags=re.MULTILINE))
 
+    def wait_at_most(self, seconds: float, pattern: str, count: int) -> None:
+        """Wait `seconds`, or less if `pattern` reaches `count` lines first: a kill at a random moment that
+        never lets the run get a step further than the lines it waits for, however fast the machine."""
+        wait_for(lambda: self.count(pattern) >= count, timeout=seconds)
+
 
 def check_after_crash(out_dir, last_iter: int, pid: int) -> tuple[int, bool, bool]:
     """What a crash may leave: a checkpoint that loads (weights_only) and never goes back, metrics whose
@@ -114,15 +121,15 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(forks, tmp_pa
         watch = Watcher(child)
         moment = rng.choice(["startup", "save", "save", "step", "step"])
         if moment == "startup":  # while resuming: loading the checkpoint, rewriting metrics.jsonl, first eval
-            time.sleep(rng.uniform(0.0, 0.3))
+            watch.wait_at_most(rng.uniform(0.0, 0.3), r"^iter \d+:", 1)
         elif moment == "save":  # the k-th evaluation line is printed right before its checkpoint is saved
             k = rng.choice([2, 3])
             assert wait_for(lambda: watch.count(r"^step \d+:") >= k or forks.wait(child, 0) is not None), child.stderr()
-            time.sleep(rng.uniform(0.0, 0.02))
+            watch.wait_at_most(rng.uniform(0.0, 0.02), r"^iter \d+:", watch.count(r"^iter \d+:") + 1)
         else:  # in the middle of training steps
             k = rng.randint(1, 4)
             assert wait_for(lambda: watch.count(r"^iter \d+:") >= k or forks.wait(child, 0) is not None), child.stderr()
-            time.sleep(rng.uniform(0.0, 0.05))
+            watch.wait_at_most(rng.uniform(0.0, 0.05), r"^iter \d+:", k + 1)
         forks.kill(child)
         code = forks.wait(child, 60)
         assert code == -signal.SIGKILL, f"the run ended by itself (exit {code}) after {kills} kills:\n{child.stderr()}"
@@ -162,7 +169,7 @@ def test_sigterm_at_random_moments_saves_within_one_step_and_exits_0(forks, tmp_
         watch = Watcher(child)
         k = rng.randint(1, 6)
         assert wait_for(lambda: watch.count(r"^iter \d+:") >= k), child.stdout() + child.stderr()
-        time.sleep(rng.uniform(0.0, 0.05))
+        watch.wait_at_most(rng.uniform(0.0, 0.05), r"^iter \d+:", k + 1)
         forks.kill(child, signal.SIGTERM)
         sent = time.monotonic()
         code = forks.wait(child, 60)
