@@ -24,6 +24,7 @@ KILL_SEED, MIN_KILLS = 7, 22
 TEAR_EVERY = 5  # after every 5th kill, metrics.jsonl also gets a torn last line, which the resume must repair
 TERM_SEED, TERMS = 11, 6
 KEEP_LAST = 2  # numbered copies ckpt-<iter>.pt kept besides ckpt.pt
+ITER_LINE = r"^iter \d+:"  # train.py logs every training step (log_interval=1)
 RUN = dict(max_iters=MAX_ITERS, lr_decay_iters=MAX_ITERS, eval_interval=EVAL_INTERVAL, init_from="auto",
            keep_last=KEEP_LAST)
 
@@ -84,10 +85,10 @@ class Watcher:
         self.text = self.child.stdout()
         return len(re.findall(pattern, self.text, flags=re.MULTILINE))
 
-    def wait_at_most(self, seconds: float, pattern: str, count: int) -> None:
-        """Wait `seconds`, or less if `pattern` reaches `count` lines first: a kill at a random moment that
+    def wait_at_most(self, seconds: float, steps_logged: int) -> None:
+        """Wait `seconds`, or less once `steps_logged` training lines are out: a kill at a random moment that
         never lets the run get a step further than the lines it waits for, however fast the machine."""
-        wait_for(lambda: self.count(pattern) >= count, timeout=seconds)
+        wait_for(lambda: self.count(ITER_LINE) >= steps_logged, timeout=seconds)
 
 
 def check_after_crash(out_dir, last_iter: int, pid: int) -> tuple[int, bool, bool]:
@@ -121,15 +122,15 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(forks, tmp_pa
         watch = Watcher(child)
         moment = rng.choice(["startup", "save", "save", "step", "step"])
         if moment == "startup":  # while resuming: loading the checkpoint, rewriting metrics.jsonl, first eval
-            watch.wait_at_most(rng.uniform(0.0, 0.3), r"^iter \d+:", 1)
+            watch.wait_at_most(rng.uniform(0.0, 0.3), 1)
         elif moment == "save":  # the k-th evaluation line is printed right before its checkpoint is saved
             k = rng.choice([2, 3])
             assert wait_for(lambda: watch.count(r"^step \d+:") >= k or forks.wait(child, 0) is not None), child.stderr()
-            watch.wait_at_most(rng.uniform(0.0, 0.02), r"^iter \d+:", watch.count(r"^iter \d+:") + 1)
+            watch.wait_at_most(rng.uniform(0.0, 0.02), watch.count(ITER_LINE) + 1)
         else:  # in the middle of training steps
             k = rng.randint(1, 4)
-            assert wait_for(lambda: watch.count(r"^iter \d+:") >= k or forks.wait(child, 0) is not None), child.stderr()
-            watch.wait_at_most(rng.uniform(0.0, 0.05), r"^iter \d+:", k + 1)
+            assert wait_for(lambda: watch.count(ITER_LINE) >= k or forks.wait(child, 0) is not None), child.stderr()
+            watch.wait_at_most(rng.uniform(0.0, 0.05), k + 1)
         forks.kill(child)
         code = forks.wait(child, 60)
         assert code == -signal.SIGKILL, f"the run ended by itself (exit {code}) after {kills} kills:\n{child.stderr()}"
@@ -168,8 +169,8 @@ def test_sigterm_at_random_moments_saves_within_one_step_and_exits_0(forks, tmp_
         child = forks.start("train.py", *cli(out, tiny_char_data, **RUN))
         watch = Watcher(child)
         k = rng.randint(1, 6)
-        assert wait_for(lambda: watch.count(r"^iter \d+:") >= k), child.stdout() + child.stderr()
-        watch.wait_at_most(rng.uniform(0.0, 0.05), r"^iter \d+:", k + 1)
+        assert wait_for(lambda: watch.count(ITER_LINE) >= k), child.stdout() + child.stderr()
+        watch.wait_at_most(rng.uniform(0.0, 0.05), k + 1)
         forks.kill(child, signal.SIGTERM)
         sent = time.monotonic()
         code = forks.wait(child, 60)
