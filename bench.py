@@ -30,9 +30,9 @@ from forge.cpu import retain_freed_memory
 from forge.data import TokenBatches, load_meta
 from forge.distributed import all_reduce_mean, destroy, gradient_sync, init_distributed
 from forge.errors import run_main
+from forge.flops import device_peak_flops
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
 from forge.tokenize import DataError
-from model import device_peak_flops
 from train import (accumulation_per_rank, create_model, model_vocab_size, optimizer_step, parallelize_and_build_optimizer,
                    seed_everything, train_step)
 

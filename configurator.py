@@ -100,7 +100,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     dist_timeout_s: float = 900.0  # seconds a rank waits in a collective before failing with a clear error (a hung peer)
     seed: int = 1337  # base random seed: initial weights use it on every rank, dropout seed + rank
-    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up in model.py's table
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up in forge/flops.py's table
     matmul_precision: Literal["highest", "high", "medium"] = "high"  # float32 matmuls: 'high' TF32 on GPUs; 'medium' also bf16 products on CPUs with AMX/AVX512-BF16
 
     def __post_init__(self):

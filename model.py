@@ -11,10 +11,10 @@ Options in GPTConfig, all off by default, turn it into a modern recipe (rotary p
 RMSNorm, QK-norm, ReLU^2 or SwiGLU MLPs, an untied head, zero-initialised projections, logit
 soft-capping); each is a small, named branch, so the GPT-2 path reads as before.
 
-Also here: KV-cache sampling (stream / generate), GPT-2 import (from_pretrained) and export
-(save_pretrained) in Hugging Face format, MFU accounting with a table of GPU peaks, and a bigram
-baseline. Only torch is needed at import time (huggingface_hub and safetensors are imported
-where they are used), so this file can be copied alone.
+Also here: KV-cache sampling (stream / generate), MFU accounting, a bigram baseline, and
+from_pretrained / save_pretrained for Hugging Face GPT-2 folders, whose conversion lives in
+forge/hf.py. Only torch is needed at import time, so this file can be copied alone: then
+from_pretrained still reads a local GPT-2 folder of config.json and model.safetensors.
 
 References:
 1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
@@ -24,10 +24,6 @@ References:
 
 import json
 import math
-import os
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -236,7 +232,7 @@ class MLP(nn.Module):
             # the tanh approximation is what GPT-2 was trained with (Hugging Face's "gelu_new")
             h = F.gelu(h, approximate="tanh")
         elif self.kind == "gelu_exact":
-            # the erf form (classic nanoGPT's nn.GELU()): ~2.5x cheaper than tanh on CPUs; not GPT-2's, so no HF export
+            # the erf form (classic nanoGPT's nn.GELU(), HF's activation_function="gelu"): ~2.5x cheaper than tanh on CPUs
             h = F.gelu(h)
         elif self.kind == "relu2":
             h = F.relu(h).square()
@@ -298,12 +294,10 @@ class LanguageModel(nn.Module):
 
         tokens_per_iter: tokens this process trained on (forward + backward) in dt seconds, e.g.
         batch_size * block_size * its gradient-accumulation steps; the result is per device.
-        peak_flops: the device's peak FLOP/s to compare with; by default the dense bf16 tensor
-        peak of this model's GPU from PEAK_FLOPS. Returns None when the peak is unknown (a CPU,
-        an unlisted GPU) and not given, or when the model does no matmuls (the bigram).
+        peak_flops: the device's peak FLOP/s to compare with (forge.flops.device_peak_flops knows
+        common GPUs'). Returns None when it is not given (unknown), or when the model does no
+        matmuls (the bigram).
         """
-        if peak_flops is None:
-            peak_flops = device_peak_flops(next(self.parameters()).device, torch.bfloat16)
         flops = self.flops_per_token()
         if not peak_flops or not flops or dt <= 0:
             return None
@@ -492,7 +486,7 @@ class GPT(LanguageModel):
         return 6 * self.get_num_params() + 12 * L * H * Q * T
 
     # -----------------------------------------------------------------------------------------
-    # GPT-2 import and export, Hugging Face format
+    # GPT-2 in Hugging Face format: the conversion lives in forge/hf.py
 
     @classmethod
     def from_pretrained(cls, name_or_dir, override_args=None):
@@ -502,281 +496,49 @@ class GPT(LanguageModel):
 
         override_args may set 'dropout' (e.g. for fine-tuning) and 'block_size' (<= the
         checkpoint's, cropped with crop_block_size). A checkpoint with tie_word_embeddings=false
-        loads as an untied_head model. transformers is not needed. A local directory wins over a
-        model name when both exist.
-        """
-        override_args = dict(override_args or {})
-        unknown = sorted(set(override_args) - {"dropout", "block_size"})
-        if unknown:
-            raise ModelError(
-                f"cannot override {', '.join(unknown)} of pretrained GPT-2 weights: only dropout and block_size"
-            )
-        path = Path(name_or_dir)
-        if path.is_dir():
-            checkpoint_dir = path
-        elif str(name_or_dir) in PRETRAINED:
-            checkpoint_dir = _download_gpt2(str(name_or_dir))
-        else:
-            raise ModelError(
-                f"unknown pretrained model {str(name_or_dir)!r}: use one of {', '.join(PRETRAINED)} "
-                "or a local directory in Hugging Face GPT-2 format"
-            )
-        hf_config = _read_gpt2_config(checkpoint_dir)
-        config = GPTConfig(
-            block_size=hf_config.get("n_positions", hf_config.get("n_ctx")),
-            vocab_size=hf_config["vocab_size"],
-            n_layer=hf_config["n_layer"],
-            n_head=hf_config["n_head"],
-            n_embd=hf_config["n_embd"],
-            dropout=override_args.get("dropout", 0.0),
-            bias=True,
-            untied_head=not hf_config.get("tie_word_embeddings", True),
-        )
-        model = cls(config)
-        model._load_hf_state_dict(_read_state_dict(checkpoint_dir), checkpoint_dir)
-        if "block_size" in override_args:
-            model.crop_block_size(override_args["block_size"])
-        return model
-
-    def _load_hf_state_dict(self, hf_sd, checkpoint_dir):
-        """Copy a Hugging Face GPT-2 state dict into this model, checking every name and shape."""
-        # keys are "transformer.h.0..." when saved from GPT2LMHeadModel, "h.0..." from GPT2Model
-        hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
-        # attention-mask buffers of older checkpoints are not weights
-        hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        sd = self.state_dict()
-        expected = {k.removeprefix("transformer."): k for k in sd}
-        if not self.config.untied_head:  # the LM head is wte itself (some files store it again)
-            hf_sd.pop("lm_head.weight", None)
-            del expected["lm_head.weight"]
-        missing = sorted(set(expected) - set(hf_sd))
-        extra = sorted(set(hf_sd) - set(expected))
-        if missing or extra:
-            problems = [f"missing {_first_few(missing)}"] if missing else []
-            problems += [f"unexpected {_first_few(extra)}"] if extra else []
-            raise ModelError(f"{checkpoint_dir} is not a GPT-2 checkpoint: {'; '.join(problems)}")
-        with torch.no_grad():
-            for hf_name, tensor in hf_sd.items():
-                name = expected[hf_name]
-                # HF GPT-2 stores these as Conv1D, (in, out): our nn.Linear is (out, in)
-                if hf_name.endswith(HF_CONV1D_WEIGHTS):
-                    tensor = tensor.t()
-                if tensor.shape != sd[name].shape:
-                    raise ModelError(
-                        f"{checkpoint_dir}: {hf_name} has shape {tuple(tensor.shape)}, config.json implies "
-                        f"{tuple(sd[name].shape)}; the checkpoint is inconsistent"
-                    )
-                sd[name].copy_(tensor)
-
-    def save_pretrained(self, save_dir, vocab_size=None):
-        """Export to Hugging Face GPT-2 format: config.json + model.safetensors in save_dir.
-
-        transformers.GPT2LMHeadModel.from_pretrained(save_dir) (and GPT.from_pretrained) load it.
-        vocab_size: the tokenizer's true vocabulary (e.g. 50257) to drop the rows this model was
-        padded with (50304); default: all of them. bias=False models export zero biases, and
-        untied_head models tie_word_embeddings=false with their lm_head. The other architecture
-        options have no GPT-2 equivalent and are refused. Call it on an unsharded model (e.g. one
-        rebuilt from ckpt.pt), not on an FSDP-sharded one.
-        The write is atomic (a temporary directory, then a rename). save_dir must be new, empty,
-        or an earlier export (holding only config.json and model.safetensors, which are replaced);
-        anything else is refused so that nothing of the user's is overwritten.
+        loads as an untied_head model, activation_function='gelu' as mlp='gelu_exact'.
+        transformers is not needed. A local directory wins over a model name when both exist.
+        forge/hf.py does the work; where model.py is used without gptforge's forge package, a
+        local config.json + model.safetensors folder still loads (_load_hf_folder).
         """
         try:
-            from safetensors.torch import save_file
-        except ImportError:
-            raise ModelError("exporting GPT-2 weights needs safetensors: pip install -e '.[hf]'") from None
-        cfg = self.config
-        not_gpt2 = [
-            option
-            for option, used in [
-                ("rotary", cfg.rotary),
-                ("rmsnorm", cfg.rmsnorm),
-                ("qk_norm", cfg.qk_norm),
-                (f"mlp={cfg.mlp!r}", cfg.mlp != "gelu"),
-                ("logit_softcap", cfg.logit_softcap > 0),
-            ]
-            if used
-        ]
-        if not_gpt2:
-            raise ModelError(
-                f"cannot export to GPT-2 format: this model uses {', '.join(not_gpt2)}, which GPT-2 does not "
-                "have; save_pretrained exports GPT-2-architecture models only (untied_head and zero_init_proj are fine)"
-            )
-        vocab_size = cfg.vocab_size if vocab_size is None else vocab_size
-        if not 1 <= vocab_size <= cfg.vocab_size:
-            raise ModelError(f"vocab_size={vocab_size} must be between 1 and the model's {cfg.vocab_size}")
-        save_dir = Path(save_dir)
-        if save_dir.exists() and not _is_replaceable_export(save_dir):
-            raise ModelError(
-                f"refusing to write into {save_dir}: it exists and is not an earlier GPT-2 export "
-                "(config.json + model.safetensors only); choose a new or empty directory"
-            )
-        tensors = {}
-        for name, tensor in self.state_dict().items():
-            if name == "lm_head.weight" and not cfg.untied_head:  # tied to wte; HF re-ties it on load
-                continue
-            if name.endswith(HF_CONV1D_WEIGHTS):
-                tensor = tensor.t()
-            if name in ("transformer.wte.weight", "lm_head.weight"):
-                tensor = tensor[:vocab_size]
-            tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
-            # HF GPT-2 always has biases in its blocks and ln_f: zeros compute what we compute
-            if not cfg.bias and name.startswith(("transformer.h.", "transformer.ln_f.")):
-                out_dim = tensor.shape[-1] if name.endswith(HF_CONV1D_WEIGHTS) else tensor.shape[0]
-                tensors[name.removesuffix(".weight") + ".bias"] = torch.zeros(out_dim)
-        hf_config = {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": vocab_size,
-            "n_positions": cfg.block_size,
-            "n_ctx": cfg.block_size,
-            "n_embd": cfg.n_embd,
-            "n_layer": cfg.n_layer,
-            "n_head": cfg.n_head,
-            "n_inner": None,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": 1e-5,
-            "resid_pdrop": cfg.dropout,
-            "embd_pdrop": cfg.dropout,
-            "attn_pdrop": cfg.dropout,
-            "initializer_range": 0.02,
-            "scale_attn_weights": True,
-            "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False,
-            "tie_word_embeddings": not cfg.untied_head,
-            # GPT-2's <|endoftext|>, when the vocabulary is GPT-2's; none for e.g. characters
-            "bos_token_id": GPT2_EOT if vocab_size > GPT2_EOT else None,
-            "eos_token_id": GPT2_EOT if vocab_size > GPT2_EOT else None,
-            "torch_dtype": "float32",
-        }
-        save_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
-        try:
-            save_file(tensors, str(tmp_dir / "model.safetensors"), metadata={"format": "pt"})
-            (tmp_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-            if save_dir.exists():  # an earlier export or an empty directory: swap it out
-                old_dir = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.old-", dir=save_dir.parent))
-                os.rename(save_dir, old_dir / "export")
-                os.rename(tmp_dir, save_dir)
-                shutil.rmtree(old_dir)
-            else:
-                os.rename(tmp_dir, save_dir)
-        finally:
-            if tmp_dir.exists():
-                shutil.rmtree(tmp_dir)
+            from forge.hf import load_pretrained
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("forge", "forge.hf"):
+                raise
+            load_pretrained = _load_hf_folder
+        return load_pretrained(cls, name_or_dir, override_args)
+
+    def save_pretrained(self, save_dir, vocab_size=None, meta=None):
+        """Export to a Hugging Face GPT-2 folder that transformers loads: see forge.hf.save_pretrained."""
+        from forge.hf import save_pretrained
+
+        return save_pretrained(self, save_dir, vocab_size, meta)
 
 
-# The Hugging Face Hub repositories of OpenAI's GPT-2 checkpoints, and their sizes.
-PRETRAINED = {
-    "gpt2": "openai-community/gpt2",  # 124M params: 12 layers, 12 heads, 768 wide
-    "gpt2-medium": "openai-community/gpt2-medium",  # 350M: 24 layers, 16 heads, 1024 wide
-    "gpt2-large": "openai-community/gpt2-large",  # 774M: 36 layers, 20 heads, 1280 wide
-    "gpt2-xl": "openai-community/gpt2-xl",  # 1558M: 48 layers, 25 heads, 1600 wide
-}
-HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-GPT2_EOT = 50256  # id of <|endoftext|> in GPT-2's BPE
+def _load_hf_folder(cls, folder, override_args=None):
+    """from_pretrained for model.py without forge/hf.py: a local Hugging Face GPT-2 folder holding
+    config.json and model.safetensors (needs safetensors), the same conversion without the Hub,
+    sharded or .bin files and forge/hf.py's checks of the config."""
+    from safetensors.torch import load_file
 
-
-def _download_gpt2(name):
-    """Fetch config.json and model.safetensors of an OpenAI GPT-2 (cached by huggingface_hub)."""
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise ModelError(f"loading {name!r} needs huggingface_hub and safetensors: pip install -e '.[hf]'") from None
-    try:
-        paths = [hf_hub_download(PRETRAINED[name], filename) for filename in ("config.json", "model.safetensors")]
-    except Exception as exc:  # no network, hub down, ...: one line, not a stack of HTTP errors
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(
-            f"could not download {name!r} from the Hugging Face Hub ({first_line}); "
-            "check the connection or pass a local directory"
-        ) from None
-    return Path(paths[0]).parent
-
-
-def _read_gpt2_config(checkpoint_dir):
-    """config.json of a Hugging Face GPT-2 checkpoint, checked to be one this GPT computes exactly."""
-    config_path = Path(checkpoint_dir) / "config.json"
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{checkpoint_dir} is not a GPT-2 checkpoint: it has no config.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{config_path} is not readable JSON ({exc})") from None
-    if not isinstance(hf_config, dict) or hf_config.get("model_type") != "gpt2":
-        kind = hf_config.get("model_type") if isinstance(hf_config, dict) else None
-        raise ModelError(f"{checkpoint_dir} is not a GPT-2 checkpoint: config.json has model_type {kind!r}, not 'gpt2'")
-    unsupported = {
-        "activation_function": (
-            hf_config.get("activation_function", "gelu_new"),
-            ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # all three are the tanh approximation
-        ),
-        "layer_norm_epsilon": (hf_config.get("layer_norm_epsilon", 1e-5), (1e-5,)),
-        "n_inner": (hf_config.get("n_inner"), (None, 4 * hf_config.get("n_embd", 0))),
-        "scale_attn_weights": (hf_config.get("scale_attn_weights", True), (True,)),
-        "scale_attn_by_inverse_layer_idx": (hf_config.get("scale_attn_by_inverse_layer_idx", False), (False,)),
-    }
-    for key, (value, allowed) in unsupported.items():
-        if value not in allowed:
-            raise ModelError(f"{config_path}: {key}={value!r} is not supported (GPT-2 uses {allowed[0]!r})")
-    for key in ("vocab_size", "n_layer", "n_head", "n_embd"):
-        if key not in hf_config:
-            raise ModelError(f"{config_path} is not a GPT-2 config: it has no {key}")
-    if "n_positions" not in hf_config and "n_ctx" not in hf_config:
-        raise ModelError(f"{config_path} is not a GPT-2 config: it has no n_positions")
-    return hf_config
-
-
-def _read_state_dict(checkpoint_dir):
-    """Tensors of model.safetensors or pytorch_model.bin in checkpoint_dir (or their sharded forms)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    for weights_name in ("model.safetensors", "pytorch_model.bin"):
-        index_path = checkpoint_dir / f"{weights_name}.index.json"
-        if (checkpoint_dir / weights_name).is_file():
-            files = [checkpoint_dir / weights_name]
-        elif index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ModelError(f"{index_path} is not a valid shard index ({exc})") from None
-            files = [checkpoint_dir / shard for shard in sorted(set(weight_map.values()))]
-        else:
-            continue
-        state_dict = {}
-        for file in files:
-            state_dict.update(_read_weights_file(file))
-        return state_dict
-    raise ModelError(
-        f"{checkpoint_dir} is not a GPT-2 checkpoint: it has neither model.safetensors nor pytorch_model.bin"
-    )
-
-
-def _read_weights_file(path):
-    if not path.is_file():
-        raise ModelError(f"{path} is missing: the checkpoint is incomplete")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ModelError(f"reading {path} needs safetensors: pip install -e '.[hf]'") from None
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
-            raise ModelError(f"{path} is not a readable safetensors file ({exc}); download it again") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle with code in it (refused by weights_only), ...
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"{path} is not a readable PyTorch weights file ({first_line})") from None
-
-
-def _first_few(names, n=3):
-    return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
-
-
-def _is_replaceable_export(path):
-    """An empty directory, or one holding only what save_pretrained writes."""
-    return path.is_dir() and {p.name for p in path.iterdir()} <= {"config.json", "model.safetensors"}
+    hf = json.loads((Path(folder) / "config.json").read_text())
+    override_args = override_args or {}
+    model = cls(GPTConfig(
+        block_size=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+        n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=override_args.get("dropout", 0.0),
+        mlp="gelu_exact" if hf.get("activation_function") == "gelu" else "gelu",
+        untied_head=not hf.get("tie_word_embeddings", True),
+    ))
+    hf_sd = {k.removeprefix("transformer."): v for k, v in load_file(Path(folder) / "model.safetensors").items()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # a tied lm_head is wte (named once)
+            tensor = hf_sd[name.removeprefix("transformer.")]
+            # HF GPT-2 stores the blocks' Linear weights as Conv1D, (in, out)
+            p.copy_(tensor.t() if name.startswith("transformer.h.") and p.dim() == 2 else tensor)
+    if "block_size" in override_args:
+        model.crop_block_size(override_args["block_size"])
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -845,95 +607,3 @@ def build_model(model_type, model_args):
             raise ModelError("the bigram model needs vocab_size in its model arguments")
         return BigramLanguageModel(model_args["vocab_size"], model_args.get("block_size", 1024))
     raise ModelError(f"unknown model_type {model_type!r}: use 'gpt' or 'bigram'")
-
-
-# ---------------------------------------------------------------------------------------------
-# Peak FLOP/s for MFU: dense (no sparsity) 16-bit tensor-core peaks, bf16 where the GPU has it,
-# else fp16, with fp32 accumulation. Datasheets quote "with sparsity" figures at twice these.
-PEAK_FLOPS = {
-    # NVIDIA A100 datasheet (SXM and PCIe, 40 and 80 GB): BF16 Tensor Core 312 TFLOPS | 624 sparse
-    "A100": 312e12,
-    # NVIDIA H100 datasheet: BF16 Tensor Core 1,979 (SXM) / 1,513 (PCIe) / 1,671 (NVL) TFLOPS with sparsity
-    "H100 SXM": 989e12,
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    # NVIDIA H200 datasheet: BF16 Tensor Core 1,979 (SXM) / 1,671 (NVL) TFLOPS with sparsity
-    "H200": 989e12,
-    "H200 NVL": 835e12,
-    # NVIDIA GH200 Grace Hopper datasheet: BF16 1,979 TFLOPS with sparsity (an H100/H200-class GPU)
-    "GH200": 989e12,
-    # NVIDIA HGX B200 datasheet: per GPU FP16/BF16 Tensor Core 4.5 PFLOPS with sparsity
-    "B200": 2250e12,
-    # NVIDIA L4 datasheet: BF16 Tensor Core 242 TFLOPS with sparsity
-    "L4": 121e12,
-    # NVIDIA L40S datasheet: BF16 Tensor Core 362.05 | 733 sparse; L40 datasheet: 181.05 | 362.1 sparse
-    "L40S": 362e12,
-    "L40": 181e12,
-    # NVIDIA A40 datasheet: BF16 Tensor Core with FP32 accumulate 149.7 | 299.4 sparse
-    "A40": 150e12,
-    # NVIDIA A10 datasheet: BF16 Tensor Core 125 | 250 sparse
-    "A10": 125e12,
-    # AWS's A10G (EC2 G5) has no public NVIDIA datasheet; 70 TFLOPS BF16 tensor as AWS lists it
-    # (compared with the A10 in Baseten's "NVIDIA A10 vs A10G for ML model inference")
-    "A10G": 70e12,
-    # NVIDIA Ada Lovelace architecture whitepaper, appendix: RTX 4090 FP16/BF16 Tensor with FP32 accumulate 165.2
-    "RTX 4090": 165e12,
-    # NVIDIA Ampere GA102 architecture whitepaper, appendix A: RTX 3090 FP16/BF16 Tensor with FP32 accumulate 71
-    "RTX 3090": 71e12,
-    # NVIDIA V100 datasheet: Tensor Performance (fp16) 125 (SXM2) / 112 (PCIe) TFLOPS
-    "V100": 125e12,
-    "V100 PCIe": 112e12,
-    # NVIDIA T4 datasheet: Mixed Precision (FP16/FP32) 65 TFLOPS
-    "T4": 65e12,
-    # AMD Instinct MI300X / MI325X datasheets: Peak BF16 1,307.4 TFLOPS dense (2,614.9 with sparsity)
-    "MI300X": 1307e12,
-    "MI325X": 1307e12,
-}
-
-# torch.cuda.get_device_name() spellings, matched on the lowercased name with punctuation turned
-# into spaces ("NVIDIA H100 80GB HBM3" -> "nvidia h100 80gb hbm3"); the most specific come first.
-_GPU_NAME_PATTERNS = [
-    (r"\bgh200\b", "GH200"),
-    (r"\bh200\b.*\bnvl\b", "H200 NVL"),
-    (r"\bh200\b", "H200"),
-    (r"\bh100\b.*\bnvl\b", "H100 NVL"),
-    (r"\bh100\b.*\bpcie\b", "H100 PCIe"),
-    (r"\bh100\b", "H100 SXM"),  # "H100 80GB HBM3", "H100 SXM5 80GB"
-    (r"\bb200\b", "B200"),
-    (r"\ba100\b", "A100"),
-    (r"\bl40s\b", "L40S"),
-    (r"\bl40\b", "L40"),
-    (r"\bl4\b", "L4"),
-    (r"\ba40\b", "A40"),
-    (r"\ba10g\b", "A10G"),
-    (r"\ba10\b", "A10"),
-    (r"\brtx 4090\b(?! d\b)", "RTX 4090"),  # not the slower 4090 D
-    (r"\brtx 3090\b(?! ti\b)", "RTX 3090"),  # not the faster 3090 Ti
-    (r"\bv100\b.*\bpcie\b", "V100 PCIe"),
-    (r"\bv100\b", "V100"),
-    (r"\bt4\b", "T4"),
-    (r"\bmi300x\b", "MI300X"),
-    (r"\bmi325x\b", "MI325X"),
-]
-
-
-def peak_flops_for_gpu_name(name):
-    """The PEAK_FLOPS entry for a torch.cuda.get_device_name() string, or None if unlisted."""
-    normalized = " ".join(re.findall(r"[a-z0-9]+", name.lower()))
-    for pattern, key in _GPU_NAME_PATTERNS:
-        if re.search(pattern, normalized):
-            return PEAK_FLOPS[key]
-    return None
-
-
-def device_peak_flops(device, dtype=torch.bfloat16):
-    """Peak dense FLOP/s of a device for 16-bit (bf16/fp16) matmuls; None when unknown.
-
-    None for a CPU (its peak depends on cores, clocks and vector units: pass peak_flops to
-    estimate_mfu instead), for an unlisted GPU, and for other dtypes (the table holds 16-bit
-    tensor-core peaks only).
-    """
-    device = torch.device(device)
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not torch.cuda.is_available():
-        return None
-    return peak_flops_for_gpu_name(torch.cuda.get_device_name(device))

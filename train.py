@@ -26,11 +26,12 @@ from forge.data import TokenBatches, load_meta
 from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, parallelize,
                                restart_count)
 from forge.errors import is_rank_zero, run_main
+from forge.flops import device_peak_flops
 from forge.hellaswag import HellaSwagTask
 from forge.metrics import MetricsLog, NonFiniteLossError
 from forge.optim import build_optimizer
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
-from model import GPT, GPTConfig, build_model, device_peak_flops
+from model import GPT, GPTConfig, build_model
 
 GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}  # the rest are options
 EVAL_SEED_OFFSET = 1_000_003  # evaluation batches: their own fixed stream, never the training batches

@@ -143,10 +143,10 @@ def test_from_pretrained_bad_inputs_name_the_culprit(tmp_path):
     transformers.GPT2Config(**HF_SMALL).save_pretrained(no_weights)
     with pytest.raises(ModelError, match="neither model.safetensors nor pytorch_model.bin"):
         GPT.from_pretrained(no_weights)
-    exact_gelu = tmp_path / "exact_gelu"
-    make_hf_model(activation_function="gelu").save_pretrained(exact_gelu)
-    with pytest.raises(ModelError, match="activation_function='gelu'"):
-        GPT.from_pretrained(exact_gelu)
+    relu = tmp_path / "relu"  # ("gelu", the exact one, loads as mlp='gelu_exact': see the test below)
+    make_hf_model(activation_function="relu").save_pretrained(relu)
+    with pytest.raises(ModelError, match="activation_function='relu'"):
+        GPT.from_pretrained(relu)
     # weights that do not match config.json
     mismatched = save_hf(make_hf_model(), tmp_path / "mismatched", "safetensors")
     config = json.loads((mismatched / "config.json").read_text())

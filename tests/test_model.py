@@ -6,15 +6,14 @@ import torch
 from torch.nn import functional as F
 
 import model as model_module
+from forge.flops import PEAK_FLOPS, device_peak_flops, peak_flops_for_gpu_name
 from model import (
     GPT,
-    PEAK_FLOPS,
     BigramLanguageModel,
     CausalSelfAttention,
     GPTConfig,
     ModelError,
     build_model,
-    peak_flops_for_gpu_name,
     sample_next_token,
 )
 from tests.util import assert_clean_error, run_py
@@ -306,7 +305,7 @@ def test_peak_flops_matches_device_names(device_name, key):
 def test_peak_flops_unknown_device_and_cpu():
     for unlisted in ("NVIDIA GeForce GTX 1080", "NVIDIA GeForce RTX 3090 Ti", "NVIDIA RTX A4000", "NVIDIA T400"):
         assert peak_flops_for_gpu_name(unlisted) is None, unlisted
-    assert model_module.device_peak_flops("cpu", torch.bfloat16) is None
+    assert device_peak_flops("cpu", torch.bfloat16) is None
 
 
 # --- bigram and build_model --------------------------------------------------------------------
