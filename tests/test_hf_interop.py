@@ -211,3 +211,71 @@ def test_untied_head_exports_and_imports(tmp_path):
     reloaded = GPT.from_pretrained(tmp_path / "export")  # tie_word_embeddings=false: untied_head
     assert reloaded.config.untied_head
     torch.testing.assert_close(our_logits(reloaded, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
+
+
+def test_exact_gelu_exports_as_activation_gelu_and_imports_back(tmp_path):
+    """mlp='gelu_exact' (the erf GELU) is HF's activation_function="gelu", in both directions."""
+    model = make_our_model(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, mlp="gelu_exact")
+    model.save_pretrained(tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["activation_function"] == "gelu"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(hf_logits(hf, idx), our_logits(model, idx), atol=1e-4, rtol=0)
+    # a folder transformers made with the exact GELU loads as gelu_exact, with transformers' logits
+    hf = make_hf_model(activation_function="gelu")
+    reloaded = GPT.from_pretrained(save_hf(hf, tmp_path / "hf", "safetensors"))
+    assert reloaded.config.mlp == "gelu_exact"
+    idx = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(our_logits(reloaded, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
+
+
+def test_model_py_copied_alone_still_loads_a_gpt2_folder(tmp_path):
+    """Without gptforge's forge package, model.py imports with torch only and from_pretrained reads
+    a transformers folder (config.json + model.safetensors) with transformers' logits."""
+    import shutil
+
+    from tests.util import REPO, run_py
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(REPO / "model.py", alone / "model.py")
+    hf = make_hf_model(activation_function="gelu", tie_word_embeddings=False)
+    save_hf(hf, tmp_path / "hf", "safetensors")
+    idx = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(1))
+    torch.save({"idx": idx, "logits": hf_logits(hf, idx)}, tmp_path / "expected.pt")
+    script = (
+        "import sys; sys.modules['forge'] = None\n"  # as if forge were not installed: its import fails
+        "import torch, model\n"
+        f"assert model.__file__ == {str(alone / 'model.py')!r}, model.__file__\n"
+        f"m = model.GPT.from_pretrained({str(tmp_path / 'hf')!r}, {{'block_size': 16}}).eval()\n"
+        "assert m.config.mlp == 'gelu_exact' and m.config.untied_head and m.config.block_size == 16\n"
+        f"e = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "idx = e['idx'][:, :16].contiguous()\n"
+        "with torch.no_grad(): logits, _ = m(idx, idx)\n"
+        "torch.testing.assert_close(logits, e['logits'][:, :16], atol=1e-4, rtol=0)\n"
+        "print('ok')\n"
+    )
+    proc = run_py("-c", script, cwd=alone, env={"PYTHONPATH": ""})
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+
+
+def test_gpt2_vocab_and_merges_are_openais_files(gpt2_encoding):
+    """Derived from tiktoken's ranks, vocab.json and merges.txt equal OpenAI's encoder.json and
+    vocab.bpe, which tiktoken's cache holds (under the SHA-1 of their URLs) when it has them."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from forge.hf import gpt2_vocab_and_merges
+
+    vocab, merges = gpt2_vocab_and_merges()
+    assert len(vocab) == 50257 and vocab["<|endoftext|>"] == 50256 and len(merges) == 50000
+    assert vocab["Ġthe"] == 262 and merges[:2] == [("Ġ", "t"), ("Ġ", "a")]
+    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR", "/nonexistent"))
+    encoder_json, vocab_bpe = (cache / hashlib.sha1((url + name).encode()).hexdigest() for name in ("encoder.json", "vocab.bpe"))
+    if not (encoder_json.is_file() and vocab_bpe.is_file()):
+        pytest.skip("OpenAI's original GPT-2 files are not in the tiktoken cache")
+    assert json.loads(encoder_json.read_text(encoding="utf-8")) == vocab
+    lines = vocab_bpe.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "#version: 0.2" and [tuple(line.split(" ")) for line in lines[1:] if line] == merges
