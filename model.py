@@ -490,16 +490,11 @@ class GPT(LanguageModel):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, override_args=None):
-        """Load GPT-2 weights: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from the Hugging
-        Face Hub (needs `pip install -e '.[hf]'`), or a local directory in Hugging Face GPT-2
-        format (config.json + model.safetensors or pytorch_model.bin, possibly sharded).
+        """GPT-2 weights: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from the Hugging Face Hub, or a
+        local Hugging Face GPT-2 folder; override_args may set dropout and (a smaller) block_size.
 
-        override_args may set 'dropout' (e.g. for fine-tuning) and 'block_size' (<= the
-        checkpoint's, cropped with crop_block_size). A checkpoint with tie_word_embeddings=false
-        loads as an untied_head model, activation_function='gelu' as mlp='gelu_exact'.
-        transformers is not needed. A local directory wins over a model name when both exist.
-        forge/hf.py does the work; where model.py is used without gptforge's forge package, a
-        local config.json + model.safetensors folder still loads (_load_hf_folder).
+        forge.hf.load_pretrained does it. Where model.py is used without gptforge's forge package,
+        a local folder of config.json and model.safetensors still loads (_load_hf_folder).
         """
         try:
             from forge.hf import load_pretrained
@@ -510,16 +505,15 @@ class GPT(LanguageModel):
         return load_pretrained(cls, name_or_dir, override_args)
 
     def save_pretrained(self, save_dir, vocab_size=None, meta=None):
-        """Export to a Hugging Face GPT-2 folder that transformers loads: see forge.hf.save_pretrained."""
+        """Export to a Hugging Face GPT-2 folder for transformers: see forge.hf.save_pretrained."""
         from forge.hf import save_pretrained
 
         return save_pretrained(self, save_dir, vocab_size, meta)
 
 
 def _load_hf_folder(cls, folder, override_args=None):
-    """from_pretrained for model.py without forge/hf.py: a local Hugging Face GPT-2 folder holding
-    config.json and model.safetensors (needs safetensors), the same conversion without the Hub,
-    sharded or .bin files and forge/hf.py's checks of the config."""
+    """from_pretrained without forge/hf.py: a local folder of config.json and model.safetensors,
+    converted as forge/hf.py does but without its checks, the Hub, and sharded or .bin files."""
     from safetensors.torch import load_file
 
     hf = json.loads((Path(folder) / "config.json").read_text())

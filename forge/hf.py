@@ -70,7 +70,15 @@ def first_line(exc: BaseException) -> str:
 
 
 def load_pretrained(cls, name_or_dir, override_args=None):
-    """A `cls` (GPT) with the weights of a GPT-2 name or local folder: see GPT.from_pretrained."""
+    """A `cls` (model.GPT) with GPT-2 weights: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' from the
+    Hugging Face Hub (needs `pip install -e '.[hf]'`), or a local directory in Hugging Face GPT-2
+    format (config.json + model.safetensors or pytorch_model.bin, possibly sharded).
+
+    override_args may set 'dropout' (e.g. for fine-tuning) and 'block_size' (<= the checkpoint's,
+    cropped with crop_block_size). tie_word_embeddings=false loads as an untied_head model,
+    activation_function='gelu' (the exact GELU) as mlp='gelu_exact'. transformers is not needed.
+    A local directory wins over a model name when both exist.
+    """
     override_args = dict(override_args or {})
     unknown = sorted(set(override_args) - {"dropout", "block_size"})
     if unknown:
