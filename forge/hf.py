@@ -19,11 +19,12 @@ import json
 import os
 import secrets
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from forge.tokenize import GPT2_EOT, GPT2_VOCAB_SIZE, GPT2Tokenizer
+from forge.tokenize import GPT2_EOT, GPT2Tokenizer
 from model import GPTConfig, ModelError
 
 # The Hugging Face Hub repositories of OpenAI's GPT-2 checkpoints, and their sizes.
@@ -327,8 +328,8 @@ def save_pretrained(model, save_dir, vocab_size=None, meta=None):
         vocab_size = meta["vocab_size"] if meta else cfg.vocab_size
     if not 1 <= vocab_size <= cfg.vocab_size:
         raise ModelError(f"vocab_size={vocab_size} must be between 1 and the model's {cfg.vocab_size}")
-    if kind == "gpt2" and vocab_size != GPT2_VOCAB_SIZE:
-        raise ModelError(f"vocab_size={vocab_size} for a GPT-2 BPE tokenizer: export its {GPT2_VOCAB_SIZE} tokens")
+    if meta and vocab_size != meta["vocab_size"]:
+        raise ModelError(f"vocab_size={vocab_size}, but the tokenizer has {meta['vocab_size']} tokens: export those")
     save_dir = Path(save_dir)
     if save_dir.exists() and not (save_dir.is_dir() and {p.name for p in save_dir.iterdir()} <= EXPORT_FILES):
         raise ModelError(
@@ -355,33 +356,26 @@ def json_text(obj) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 
-class new_folder:
+@contextmanager
+def new_folder(dest: Path):
     """`with new_folder(dest) as tmp:` fill tmp; on success it replaces dest in one rename.
 
-    tmp is made as os.makedirs (and transformers' save_pretrained) makes a folder, so its mode is
-    the umask's (tempfile.mkdtemp's would be 0700). A dest that exists (empty, or an earlier
+    tmp is made as os.makedirs (and so transformers' save_pretrained) makes a folder, with the
+    umask's mode (tempfile.mkdtemp's would be 0700). A dest that exists (empty, or an earlier
     export) is moved aside first and deleted after the rename.
     """
-
-    def __init__(self, dest: Path):
-        self.dest = dest
-        self.tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
-
-    def __enter__(self) -> Path:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                old = self.dest.parent / f".{self.dest.name}.old-{secrets.token_hex(4)}"
-                if self.dest.exists():
-                    os.rename(self.dest, old)
-                os.rename(self.tmp, self.dest)
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = dest.parent / f".{dest.name}.old-{secrets.token_hex(4)}"
+        if dest.exists():
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

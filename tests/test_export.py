@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from forge.checkpoint import save_checkpoint
+from forge.export import main as export_main
 from model import GPT, GPTConfig
 from sample import SEPARATOR
 from tests.util import assert_clean_error, run_py, snapshot
@@ -135,13 +136,13 @@ def test_character_run_exports_a_character_tokenizer_and_pipeline_equals_sample_
     assert len(generated) == len(prompt) + 30 and generated == greedy_sample(tmp_path / "run", prompt, 30)
 
 
-def test_export_permissions_are_those_of_transformers_save_pretrained(tmp_path, gpt2_data, gpt2_encoding):
+def test_export_permissions_are_those_of_transformers_save_pretrained(tmp_path, tiny_char_data):
     """Folder and files as transformers' own save_pretrained makes them (the umask's: typically
     0755 and 0644), not a private temporary folder's 0700; an earlier export is replaced in place."""
     transformers = pytest.importorskip("transformers")
-    make_run(tmp_path / "run", gpt2_data, padding=47)
+    make_run(tmp_path / "run", tiny_char_data)
     run_py("-m", "forge.export", tmp_path / "run", tmp_path / "hf", check=True)
-    run_py("-m", "forge.export", tmp_path / "run", tmp_path / "hf", check=True)  # replace the earlier export
+    export_main([str(tmp_path / "run"), str(tmp_path / "hf")])  # again, in this process: replaces the export
     ours = modes(tmp_path / "hf")
     reference = tmp_path / "reference"
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").save_pretrained(reference)

@@ -279,3 +279,19 @@ def test_gpt2_vocab_and_merges_are_openais_files(gpt2_encoding):
     assert json.loads(encoder_json.read_text(encoding="utf-8")) == vocab
     lines = vocab_bpe.read_text(encoding="utf-8").splitlines()
     assert lines[0] == "#version: 0.2" and [tuple(line.split(" ")) for line in lines[1:] if line] == merges
+
+
+def test_save_pretrained_writes_the_tokenizer_its_meta_names(tmp_path):
+    """meta (the run's tokenizer metadata) sets the exported vocabulary and the tokenizer files;
+    a vocab_size that disagrees with it is refused before anything is written."""
+    model = make_our_model(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32)
+    meta = {"vocab_size": 5, "tokenizer": "char", "dtype": "uint16", "itos": ["\n", " ", "a", "b", "é"]}
+    with pytest.raises(ModelError, match="vocab_size=60, but the tokenizer has 5 tokens"):
+        model.save_pretrained(tmp_path / "export", vocab_size=60, meta=meta)
+    assert not (tmp_path / "export").exists()
+    assert model.save_pretrained(tmp_path / "export", meta=meta) == ["tokenizer.json", "tokenizer_config.json"]
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["vocab_size"] == 5
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert tokenizer("ab é\n")["input_ids"] == [2, 3, 1, 4, 0] and tokenizer.decode([2, 3, 1, 4, 0]) == "ab é\n"
+    assert model.save_pretrained(tmp_path / "export") == []  # no meta: weights only, replacing the export
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
