@@ -345,10 +345,14 @@ def save_pretrained(model, save_dir, vocab_size=None, meta=None):
     eot_id = GPT2_EOT if (kind == "gpt2" or kind is None and vocab_size > GPT2_EOT) else None
     tensors = hf_state_dict(model, vocab_size)
     files = {"config.json": json_text(hf_config_for(cfg, vocab_size, eot_id)), **tokenizer_files}
-    with new_folder(save_dir) as tmp_dir:
-        save_file(tensors, str(tmp_dir / "model.safetensors"), metadata={"format": "pt"})
-        for name, text in files.items():
-            (tmp_dir / name).write_text(text, encoding="utf-8")
+    try:
+        with new_folder(save_dir) as tmp_dir:
+            save_file(tensors, str(tmp_dir / "model.safetensors"), metadata={"format": "pt"})
+            for name, text in files.items():
+                (tmp_dir / name).write_text(text, encoding="utf-8")
+    except OSError as exc:  # read-only or full disk, permission denied: nothing was replaced
+        raise ModelError(f"cannot write the export to {save_dir} ({exc.strerror or first_line(exc)}); "
+                         "choose a writable folder with free space") from None
     return sorted(tokenizer_files)
 
 

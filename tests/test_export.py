@@ -151,3 +151,11 @@ def test_export_permissions_are_those_of_transformers_save_pretrained(tmp_path, 
     assert ours["hf"] == theirs["reference"]
     assert {mode for name, mode in ours.items() if name != "hf"} == {mode for name, mode in theirs.items() if name != "reference"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "reference", "run"]  # no temporary folders left
+
+
+def test_export_where_a_folder_cannot_be_made_is_one_line(tmp_path, tiny_char_data):
+    make_run(tmp_path / "run", tiny_char_data)
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    assert_clean_error(run_py("-m", "forge.export", tmp_path / "run", tmp_path / "notes.txt" / "hf"),
+                       "cannot write", "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "a file, not a folder"
