@@ -318,7 +318,16 @@ def load_config(argv, config_cls=TrainConfig, prog: str | None = None):
                 values[key] = _checked(key, value, hints[key])
             continue
         values[key] = value
-    return config_cls(**values)
+    cfg = config_cls(**values)
+    object.__setattr__(cfg, "_explicit_keys", frozenset(values))  # not a field: config_dict() leaves it out
+    return cfg
+
+
+def explicit_keys(cfg) -> set:
+    """The keys the config files and --key=value overrides set, as load_config recorded them (a resumed
+    run takes the others from its checkpoint); a config built in code sets every key."""
+    recorded = getattr(cfg, "_explicit_keys", None)
+    return set(recorded) if recorded is not None else {f.name for f in dataclasses.fields(cfg)}
 
 
 def config_dict(cfg) -> dict:

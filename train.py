@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configurator import ConfigError, TrainConfig, config_dict, load_config
-from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, load_model_weights,
+from configurator import ConfigError, TrainConfig, config_dict, explicit_keys, load_config
+from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, load_model_weights, model_args_of,
                               restore_training_state, save_training_state)
 from forge.cpu import retain_freed_memory
 from forge.data import TokenBatches, load_meta
+from forge.tokenize import GPT2_VOCAB_SIZE, check_same_tokenizer, gpt2_meta, tokenizer_identity
 from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, parallelize,
                                restart_count)
 from forge.errors import is_rank_zero, run_main
@@ -38,6 +39,9 @@ EVAL_SEED_OFFSET = 1_000_003  # evaluation batches: their own fixed stream, neve
 
 def main(cfg: TrainConfig) -> None:
     # -------------------------------------------------------------------- config and processes
+    init, ckpt = resolve_init(cfg.init_from, cfg.out_dir, cfg.eval_only)
+    if ckpt is not None:  # a resumed run is the run itself: its stored config, then what this command sets
+        cfg = resumed_config(cfg, ckpt)
     dist = init_distributed(cfg.device, backend=None if cfg.backend == "auto" else cfg.backend,
                             timeout_s=cfg.dist_timeout_s)
     log = MetricsLog(cfg.out_dir, enabled=dist.is_main)
@@ -56,7 +60,6 @@ def main(cfg: TrainConfig) -> None:
         log.info(f"{dist.world_size} process(es) on {dist.device}, {dtype}; {tokens_per_iter:,} tokens per iteration "
                  f"({cfg.gradient_accumulation_steps} x {cfg.batch_size} x {cfg.block_size})")
 
-        init, ckpt = resolve_init(cfg.init_from, cfg.out_dir, cfg.eval_only)
         if ckpt is not None and ckpt.get("iter_num", 0) >= cfg.max_iters and not cfg.eval_only:
             log.info(f"{cfg.out_dir} already reached iter {ckpt['iter_num']} >= max_iters={cfg.max_iters}: nothing to do "
                      "(raise --max_iters to train further)")
@@ -76,7 +79,7 @@ def main(cfg: TrainConfig) -> None:
             if cfg.eval_hellaswag_interval else None
 
         # -------------------------------------------------------------------- model
-        model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta))
+        model, model_args, model_type = create_model(cfg, init, ckpt, meta)
         model.to(dist.device)
         seed_everything(cfg.seed + dist.rank)  # from here on (dropout) every rank draws its own stream
         scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
@@ -106,7 +109,7 @@ def main(cfg: TrainConfig) -> None:
             path = save_training_state(
                 cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, loader=train_batches,
                 keep_last=cfg.keep_last, write=dist.is_main, model_args=model_args, model_type=model_type,
-                iter_num=iter_num, best_val_loss=best_val_loss, config=config_dict(cfg), wandb_run_id=wandb_run_id)
+                tokenizer=tokenizer_identity(meta), iter_num=iter_num, best_val_loss=best_val_loss, config=config_dict(cfg), wandb_run_id=wandb_run_id)
             log.info(f"saved checkpoint to {path} ({reason})")
 
         # -------------------------------------------------------------------- the loop
@@ -197,24 +200,53 @@ def resolve_init(init_from: str, out_dir: str, eval_only: bool = False):
     return init_from, None
 
 
+NOT_INHERITED = ("out_dir", "init_from")  # what this command says, never the stored run's
+
+
+def resumed_config(cfg: TrainConfig, ckpt: dict) -> TrainConfig:
+    """The config of a resumed run: the run's stored config and model, then every key this command set.
+
+    So `--out_dir=X --init_from=resume` (plus e.g. --max_iters) continues a run, nanoGPT's included,
+    with its dataset, shape and schedule; a set shape that conflicts stays an error
+    (check_checkpoint_matches). Keys of the stored config this version does not know are ignored.
+    """
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_INHERITED)
+    stored = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    model_fields = {k: v for k, v in model_args_of(ckpt).items() if k != "vocab_size"}
+    values = {k: v for k, v in {**model_fields, **stored, "model_type": ckpt["model_type"]}.items() if k in known}
+    if "mlp" in known:  # the stored config of a nanoGPT run has no mlp; its weights say which GELU it is
+        values["mlp"] = model_fields.get("mlp", values.get("mlp"))
+    values |= {k: getattr(cfg, k) for k in explicit_keys(cfg)}
+    try:
+        return dataclasses.replace(cfg, **values)
+    except ConfigError as exc:
+        raise ConfigError(f"{Path(cfg.out_dir) / 'ckpt.pt'}'s stored config: {exc}") from None
+
+
 def model_vocab_size(meta: dict) -> int:
-    """The dataset's vocabulary, rounded up to a multiple of 64 for BPE (faster matmuls; char vocabularies stay exact)."""
+    """The model's vocabulary (rows of the embedding and the head) for a dataset: the one place padding is decided.
+
+    A scratch BPE run rounds the tokenizer's vocabulary up to a multiple of 64 (50,257 -> 50,304: faster
+    matmuls); character vocabularies stay exact, and a GPT-2 checkpoint keeps its own 50,257 rows. The
+    tokenizer's real vocabulary (meta["vocab_size"], recorded in every checkpoint) bounds everything else:
+    data ids are checked against it (forge.data) and sampling never draws a padded id (model.stream).
+    """
     vocab_size = meta["vocab_size"]
     return vocab_size if meta["tokenizer"] == "char" else -(-vocab_size // 64) * 64
 
 
-def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int):
+def create_model(cfg: TrainConfig, init: str, ckpt, meta: dict):
     """(raw model, model_args, model_type): built from the config, rebuilt from a checkpoint, or GPT-2 weights."""
     if init == "resume":
-        check_checkpoint_matches(cfg, ckpt, vocab_size)
-        model_args, model_type = dict(ckpt["model_args"]), ckpt["model_type"]
+        check_checkpoint_matches(cfg, ckpt, meta)
+        model_args, model_type = model_args_of(ckpt), ckpt["model_type"]
         model_args["dropout"] = cfg.dropout  # not a shape: the config's value applies to the rest of the run
         model = build_model(model_type, model_args)
         load_model_weights(model, ckpt["model"], Path(cfg.out_dir) / "ckpt.pt")
         return model, model_args, model_type
     if init == "scratch":
         names = {f.name for f in dataclasses.fields(GPTConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
-        model_args = {name: getattr(cfg, name) for name in sorted(names)} | {"vocab_size": vocab_size}
+        model_args = {name: getattr(cfg, name) for name in sorted(names)} | {"vocab_size": model_vocab_size(meta)}
         return build_model(cfg.model_type, model_args), model_args, cfg.model_type
     if cfg.model_type != "gpt":
         raise ConfigError(f"init_from={init} loads a GPT-2; model_type={cfg.model_type!r} cannot be fine-tuned from it")
@@ -228,8 +260,11 @@ def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int):
                           f"use --block_size={model.config.block_size} or less")
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
-    if vocab_size > model.config.vocab_size:
-        raise ConfigError(f"the dataset's vocabulary ({vocab_size} ids) is larger than {init}'s "
+    if model.config.vocab_size == GPT2_VOCAB_SIZE:  # GPT-2's own BPE; another HF vocabulary brings its own tokenizer
+        check_same_tokenizer(tokenizer_identity(gpt2_meta()), meta, cfg.data_dir or f"data/{cfg.dataset}", init,
+                        "prepare the data with the GPT-2 tokenizer")
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise ConfigError(f"the dataset's vocabulary ({meta['vocab_size']} ids) is larger than {init}'s "
                           f"({model.config.vocab_size}): prepare the data with the GPT-2 tokenizer")
     return model, dataclasses.asdict(model.config), "gpt"
 
@@ -247,9 +282,9 @@ def parallelize_and_build_optimizer(cfg: TrainConfig, model, dist, dtype):
     return module, optimizer
 
 
-def check_checkpoint_matches(cfg: TrainConfig, ckpt: dict, vocab_size: int) -> None:
-    """A resumed run must have the model settings its checkpoint was trained with (dropout may change)."""
-    saved_config, saved_args = ckpt.get("config") or {}, ckpt["model_args"]
+def check_checkpoint_matches(cfg: TrainConfig, ckpt: dict, meta: dict) -> None:
+    """A resumed run must have the model settings and tokenizer its checkpoint was trained with (dropout may change)."""
+    saved_config, saved_args = ckpt.get("config") or {}, model_args_of(ckpt)
     for name in ["model_type", *saved_args]:
         if name in ("dropout", "vocab_size") or not hasattr(cfg, name):
             continue
@@ -258,8 +293,10 @@ def check_checkpoint_matches(cfg: TrainConfig, ckpt: dict, vocab_size: int) -> N
             raise CheckpointError(f"{Path(cfg.out_dir) / 'ckpt.pt'} was trained with {name}={saved!r} but the config "
                                   f"says {name}={getattr(cfg, name)!r}: use the same model settings to resume, "
                                   "or another --out_dir for a new run")
-    if vocab_size > saved_args.get("vocab_size", vocab_size):
-        raise CheckpointError(f"the dataset's vocabulary ({vocab_size}) is larger than the checkpoint's "
+    check_same_tokenizer(ckpt.get("tokenizer"), meta, cfg.data_dir or f"data/{cfg.dataset}", Path(cfg.out_dir) / "ckpt.pt",
+                    "resume on the dataset it was trained on (--dataset or --data_dir)")
+    if meta["vocab_size"] > saved_args.get("vocab_size", meta["vocab_size"]):
+        raise CheckpointError(f"the dataset's vocabulary ({meta['vocab_size']}) is larger than the checkpoint's "
                               f"({saved_args['vocab_size']}): resume on the dataset it was trained on")
 
 
