@@ -299,8 +299,12 @@ def _parse_override(arg: str, known, hints) -> tuple:
     return key, _checked(key, value, hints[key])
 
 
-def load_config(argv, config_cls=TrainConfig, prog: str | None = None):
-    """config_cls from config files and --key=value overrides in argv; --help prints the keys and exits."""
+def load_config(argv, config_cls=TrainConfig, prog: str | None = None, base=None):
+    """config_cls from config files and --key=value overrides in argv; --help prints the keys and exits.
+
+    base(values) -> dict, if given, supplies the values under the ones argv sets, before the config is
+    validated as a whole (train.py: a resumed run's stored config, so --n_embd=... is checked against the
+    run's n_head, not the default's)."""
     prog = prog or Path(sys.argv[0]).name
     if "--help" in argv or "-h" in argv:
         print(help_text(config_cls, prog))
@@ -318,16 +322,7 @@ def load_config(argv, config_cls=TrainConfig, prog: str | None = None):
                 values[key] = _checked(key, value, hints[key])
             continue
         values[key] = value
-    cfg = config_cls(**values)
-    object.__setattr__(cfg, "_explicit_keys", frozenset(values))  # not a field: config_dict() leaves it out
-    return cfg
-
-
-def explicit_keys(cfg) -> set:
-    """The keys the config files and --key=value overrides set, as load_config recorded them (a resumed
-    run takes the others from its checkpoint); a config built in code sets every key."""
-    recorded = getattr(cfg, "_explicit_keys", None)
-    return set(recorded) if recorded is not None else {f.name for f in dataclasses.fields(cfg)}
+    return config_cls(**{**(base(values) if base else {}), **values})
 
 
 def config_dict(cfg) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configurator import ConfigError, TrainConfig, config_dict, explicit_keys, load_config
+from configurator import ConfigError, TrainConfig, config_dict, load_config
 from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, load_model_weights, model_args_of,
                               restore_training_state, save_training_state)
 from forge.cpu import retain_freed_memory
@@ -39,9 +39,6 @@ EVAL_SEED_OFFSET = 1_000_003  # evaluation batches: their own fixed stream, neve
 
 def main(cfg: TrainConfig) -> None:
     # -------------------------------------------------------------------- config and processes
-    init, ckpt = resolve_init(cfg.init_from, cfg.out_dir, cfg.eval_only)
-    if ckpt is not None:  # a resumed run is the run itself: its stored config, then what this command sets
-        cfg = resumed_config(cfg, ckpt)
     dist = init_distributed(cfg.device, backend=None if cfg.backend == "auto" else cfg.backend,
                             timeout_s=cfg.dist_timeout_s)
     log = MetricsLog(cfg.out_dir, enabled=dist.is_main)
@@ -60,6 +57,7 @@ def main(cfg: TrainConfig) -> None:
         log.info(f"{dist.world_size} process(es) on {dist.device}, {dtype}; {tokens_per_iter:,} tokens per iteration "
                  f"({cfg.gradient_accumulation_steps} x {cfg.batch_size} x {cfg.block_size})")
 
+        init, ckpt = resolve_init(cfg.init_from, cfg.out_dir, cfg.eval_only)
         if ckpt is not None and ckpt.get("iter_num", 0) >= cfg.max_iters and not cfg.eval_only:
             log.info(f"{cfg.out_dir} already reached iter {ckpt['iter_num']} >= max_iters={cfg.max_iters}: nothing to do "
                      "(raise --max_iters to train further)")
@@ -203,24 +201,23 @@ def resolve_init(init_from: str, out_dir: str, eval_only: bool = False):
 NOT_INHERITED = ("out_dir", "init_from")  # what this command says, never the stored run's
 
 
-def resumed_config(cfg: TrainConfig, ckpt: dict) -> TrainConfig:
-    """The config of a resumed run: the run's stored config and model, then every key this command set.
+def resumed_run_config(values: dict) -> dict:
+    """load_config's base: when the command resumes a run, the run's own config under what the command sets.
 
-    So `--out_dir=X --init_from=resume` (plus e.g. --max_iters) continues a run, nanoGPT's included,
-    with its dataset, shape and schedule; a set shape that conflicts stays an error
-    (check_checkpoint_matches). Keys of the stored config this version does not know are ignored.
+    So `--out_dir=X --init_from=resume` (plus e.g. --max_iters) continues a run, nanoGPT's included, with
+    its dataset, shape and schedule; a shape the command sets that conflicts stays an error
+    (check_checkpoint_matches). Model fields the stored config lacks come from the weights (a nanoGPT
+    run's has no mlp: it is the erf GELU); keys of the stored config this version does not know are ignored.
     """
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_INHERITED)
+    defaults = TrainConfig.__dataclass_fields__
+    out_dir, init_from = (values.get(k, defaults[k].default) for k in ("out_dir", "init_from"))
+    if not has_checkpoint(out_dir) or (init_from not in ("resume", "auto") and restart_count() == 0):
+        return {}
+    ckpt = load_checkpoint(out_dir)
     stored = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     model_fields = {k: v for k, v in model_args_of(ckpt).items() if k != "vocab_size"}
-    values = {k: v for k, v in {**model_fields, **stored, "model_type": ckpt["model_type"]}.items() if k in known}
-    if "mlp" in known:  # the stored config of a nanoGPT run has no mlp; its weights say which GELU it is
-        values["mlp"] = model_fields.get("mlp", values.get("mlp"))
-    values |= {k: getattr(cfg, k) for k in explicit_keys(cfg)}
-    try:
-        return dataclasses.replace(cfg, **values)
-    except ConfigError as exc:
-        raise ConfigError(f"{Path(cfg.out_dir) / 'ckpt.pt'}'s stored config: {exc}") from None
+    merged = {**model_fields, **stored, "model_type": ckpt["model_type"]}
+    return {k: v for k, v in merged.items() if k in defaults and k not in NOT_INHERITED}
 
 
 def model_vocab_size(meta: dict) -> int:
@@ -406,4 +403,4 @@ class StopRequest:
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(load_config(sys.argv[1:])))
+    run_main(lambda: main(load_config(sys.argv[1:], base=resumed_run_config)))
