@@ -198,7 +198,8 @@ def resolve_init(init_from: str, out_dir: str, eval_only: bool = False):
     return init_from, None
 
 
-NOT_INHERITED = ("out_dir", "init_from")  # what this command says, never the stored run's
+# what this command and this machine say, never the stored run's (a run may resume on another machine)
+NOT_INHERITED = ("out_dir", "init_from", "device", "backend")
 
 
 def resumed_run_config(values: dict) -> dict:
