@@ -110,7 +110,7 @@ def load_for_inference(out_dir: str, init_from: str, device: str, meta_path: str
         source, data_dir = init_from, None
         meta = meta_from_path(meta_path) if meta_path else gpt2_meta()
         recorded = tokenizer_identity(gpt2_meta()) if _vocab_size(model) == GPT2_VOCAB_SIZE else None
+    check_meta_fits(meta, _vocab_size(model), source)
     where = meta_path or (f"{data_dir}'s metadata" if data_dir is not None else "the GPT-2 BPE")
     check_same_tokenizer(recorded, meta, where, source, "pass the metadata of the data it was trained on with --meta")
-    check_meta_fits(meta, _vocab_size(model), source)
     return Loaded(model=model, meta=meta, tokenizer=get_tokenizer(meta), source=source, data_dir=data_dir)
