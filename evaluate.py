@@ -120,7 +120,7 @@ def main(cfg: EvalConfig) -> None:
                                          world_size=dist.world_size, device=dist.device, max_targets=cfg.limit_tokens)
             # token ids only mean something under the tokenizer the model was trained with (checked against its record)
             check_same_tokenizer(tokenizer_identity(loaded.meta), load_meta(data_dir), str(data_dir), loaded.source,
-                            "evaluate it on data prepared with its own tokenizer")
+                                 "evaluate it on data prepared with its own tokenizer")
             t0 = time.time()
             loss_sum, n_tokens = split_loss(model, windows, ctx, dist.world_size)
             loss = loss_sum / n_tokens

@@ -23,7 +23,6 @@ from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, 
                               restore_training_state, save_training_state)
 from forge.cpu import retain_freed_memory
 from forge.data import TokenBatches, load_meta
-from forge.tokenize import GPT2_VOCAB_SIZE, check_same_tokenizer, gpt2_meta, tokenizer_identity
 from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, parallelize,
                                restart_count)
 from forge.errors import is_rank_zero, run_main
@@ -31,6 +30,7 @@ from forge.hellaswag import HellaSwagTask
 from forge.metrics import MetricsLog, NonFiniteLossError
 from forge.optim import build_optimizer
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
+from forge.tokenize import GPT2_VOCAB_SIZE, check_same_tokenizer, gpt2_meta, tokenizer_identity
 from model import GPT, GPTConfig, build_model, device_peak_flops
 
 GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}  # the rest are options
@@ -77,7 +77,7 @@ def main(cfg: TrainConfig) -> None:
             if cfg.eval_hellaswag_interval else None
 
         # -------------------------------------------------------------------- model
-        model, model_args, model_type = create_model(cfg, init, ckpt, meta)
+        model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta), meta)
         model.to(dist.device)
         seed_everything(cfg.seed + dist.rank)  # from here on (dropout) every rank draws its own stream
         scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
@@ -107,7 +107,8 @@ def main(cfg: TrainConfig) -> None:
             path = save_training_state(
                 cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, loader=train_batches,
                 keep_last=cfg.keep_last, write=dist.is_main, model_args=model_args, model_type=model_type,
-                tokenizer=tokenizer_identity(meta), iter_num=iter_num, best_val_loss=best_val_loss, config=config_dict(cfg), wandb_run_id=wandb_run_id)
+                tokenizer=tokenizer_identity(meta), iter_num=iter_num, best_val_loss=best_val_loss,
+                config=config_dict(cfg), wandb_run_id=wandb_run_id)
             log.info(f"saved checkpoint to {path} ({reason})")
 
         # -------------------------------------------------------------------- the loop
@@ -233,8 +234,12 @@ def model_vocab_size(meta: dict) -> int:
     return vocab_size if meta["tokenizer"] == "char" else -(-vocab_size // 64) * 64
 
 
-def create_model(cfg: TrainConfig, init: str, ckpt, meta: dict):
-    """(raw model, model_args, model_type): built from the config, rebuilt from a checkpoint, or GPT-2 weights."""
+def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int, meta: dict | None = None):
+    """(raw model, model_args, model_type): built from the config, rebuilt from a checkpoint, or GPT-2 weights.
+
+    vocab_size: a scratch model's rows (model_vocab_size); meta: the dataset's tokenizer, which a checkpoint
+    or GPT-2 must match (None: no dataset to check, e.g. bench.py's random tokens).
+    """
     if init == "resume":
         check_checkpoint_matches(cfg, ckpt, meta)
         model_args, model_type = model_args_of(ckpt), ckpt["model_type"]
@@ -244,7 +249,7 @@ def create_model(cfg: TrainConfig, init: str, ckpt, meta: dict):
         return model, model_args, model_type
     if init == "scratch":
         names = {f.name for f in dataclasses.fields(GPTConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
-        model_args = {name: getattr(cfg, name) for name in sorted(names)} | {"vocab_size": model_vocab_size(meta)}
+        model_args = {name: getattr(cfg, name) for name in sorted(names)} | {"vocab_size": vocab_size}
         return build_model(cfg.model_type, model_args), model_args, cfg.model_type
     if cfg.model_type != "gpt":
         raise ConfigError(f"init_from={init} loads a GPT-2; model_type={cfg.model_type!r} cannot be fine-tuned from it")
@@ -258,10 +263,10 @@ def create_model(cfg: TrainConfig, init: str, ckpt, meta: dict):
                           f"use --block_size={model.config.block_size} or less")
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
-    if model.config.vocab_size == GPT2_VOCAB_SIZE:  # GPT-2's own BPE; another HF vocabulary brings its own tokenizer
+    if meta is not None and model.config.vocab_size == GPT2_VOCAB_SIZE:  # GPT-2's BPE; another HF vocabulary: its own
         check_same_tokenizer(tokenizer_identity(gpt2_meta()), meta, cfg.data_dir or f"data/{cfg.dataset}", init,
-                        "prepare the data with the GPT-2 tokenizer")
-    if meta["vocab_size"] > model.config.vocab_size:
+                             "prepare the data with the GPT-2 tokenizer")
+    if meta is not None and meta["vocab_size"] > model.config.vocab_size:
         raise ConfigError(f"the dataset's vocabulary ({meta['vocab_size']} ids) is larger than {init}'s "
                           f"({model.config.vocab_size}): prepare the data with the GPT-2 tokenizer")
     return model, dataclasses.asdict(model.config), "gpt"
@@ -280,7 +285,7 @@ def parallelize_and_build_optimizer(cfg: TrainConfig, model, dist, dtype):
     return module, optimizer
 
 
-def check_checkpoint_matches(cfg: TrainConfig, ckpt: dict, meta: dict) -> None:
+def check_checkpoint_matches(cfg: TrainConfig, ckpt: dict, meta: dict | None) -> None:
     """A resumed run must have the model settings and tokenizer its checkpoint was trained with (dropout may change)."""
     saved_config, saved_args = ckpt.get("config") or {}, model_args_of(ckpt)
     for name in ["model_type", *saved_args]:
@@ -291,8 +296,10 @@ def check_checkpoint_matches(cfg: TrainConfig, ckpt: dict, meta: dict) -> None:
             raise CheckpointError(f"{Path(cfg.out_dir) / 'ckpt.pt'} was trained with {name}={saved!r} but the config "
                                   f"says {name}={getattr(cfg, name)!r}: use the same model settings to resume, "
                                   "or another --out_dir for a new run")
-    check_same_tokenizer(ckpt.get("tokenizer"), meta, cfg.data_dir or f"data/{cfg.dataset}", Path(cfg.out_dir) / "ckpt.pt",
-                    "resume on the dataset it was trained on (--dataset or --data_dir)")
+    if meta is None:
+        return
+    check_same_tokenizer(ckpt.get("tokenizer"), meta, cfg.data_dir or f"data/{cfg.dataset}",
+                         Path(cfg.out_dir) / "ckpt.pt", "resume on the dataset it was trained on (--dataset or --data_dir)")
     if meta["vocab_size"] > saved_args.get("vocab_size", meta["vocab_size"]):
         raise CheckpointError(f"the dataset's vocabulary ({meta['vocab_size']}) is larger than the checkpoint's "
                               f"({saved_args['vocab_size']}): resume on the dataset it was trained on")

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from forge.checkpoint import save_checkpoint
+from forge.checkpoint import checkpoint_model_args, save_checkpoint
 from model import GPT, GPTConfig
 from tests.util import assert_clean_error, run_py, snapshot
 
@@ -15,8 +15,8 @@ def make_run(out_dir, data_dir, model_type="gpt", padding=3):
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=vocab + padding, bias=True, dropout=0.0)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**args))
-    save_checkpoint(out_dir, {"model": model.state_dict(), "model_args": args, "model_type": model_type,
-                              "iter_num": 1, "config": {"data_dir": str(data_dir)}})
+    save_checkpoint(out_dir, {"model": model.state_dict(), **checkpoint_model_args(args, model_type),  # as train.py
+                              "model_type": model_type, "iter_num": 1, "config": {"data_dir": str(data_dir)}})
     return model, vocab
 
 
