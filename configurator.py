@@ -299,8 +299,12 @@ def _parse_override(arg: str, known, hints) -> tuple:
     return key, _checked(key, value, hints[key])
 
 
-def load_config(argv, config_cls=TrainConfig, prog: str | None = None):
-    """config_cls from config files and --key=value overrides in argv; --help prints the keys and exits."""
+def load_config(argv, config_cls=TrainConfig, prog: str | None = None, base=None):
+    """config_cls from config files and --key=value overrides in argv; --help prints the keys and exits.
+
+    base(values) -> dict, if given, supplies the values under the ones argv sets, before the config is
+    validated as a whole (train.py: a resumed run's stored config, so --n_embd=... is checked against the
+    run's n_head, not the default's)."""
     prog = prog or Path(sys.argv[0]).name
     if "--help" in argv or "-h" in argv:
         print(help_text(config_cls, prog))
@@ -318,7 +322,7 @@ def load_config(argv, config_cls=TrainConfig, prog: str | None = None):
                 values[key] = _checked(key, value, hints[key])
             continue
         values[key] = value
-    return config_cls(**values)
+    return config_cls(**{**(base(values) if base else {}), **values})
 
 
 def config_dict(cfg) -> dict:

@@ -30,12 +30,13 @@ from typing import Literal
 import torch
 
 from configurator import ConfigError, check_types, load_config
-from forge.data import DataError, load_meta, open_split, sequential_windows
+from forge.data import load_meta, open_split, sequential_windows
 from forge.distributed import all_reduce_mean, destroy, init_distributed
 from forge.errors import run_main
 from forge.hellaswag import DEFAULT_CACHE_DIR, check_tokenizer, hellaswag_accuracy, load_hellaswag
 from forge.inference import load_for_inference
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
+from forge.tokenize import check_same_tokenizer, tokenizer_identity
 
 
 @dataclass
@@ -78,15 +79,6 @@ def eval_data_dir(cfg: EvalConfig, run_data_dir: Path | None) -> Path:
     return run_data_dir if run_data_dir is not None else Path("data") / "openwebtext"
 
 
-def check_same_tokenizer(data_meta: dict, model_meta: dict, data_dir: Path, source: str) -> None:
-    """Token ids only mean something under the tokenizer the model was trained with."""
-    same = data_meta["tokenizer"] == model_meta["tokenizer"] and data_meta.get("itos") == model_meta.get("itos")
-    if not same:
-        raise DataError(f"{data_dir} is tokenized with '{data_meta['tokenizer']}' ({data_meta['vocab_size']} ids) but "
-                        f"{source} uses '{model_meta['tokenizer']}' ({model_meta['vocab_size']} ids): evaluate it on data "
-                        "prepared with its own tokenizer")
-
-
 @torch.no_grad()
 def split_loss(model, windows, ctx, world_size: int) -> tuple[float, int]:
     """(summed cross-entropy, number of predicted tokens) over this rank's windows, summed over all ranks."""
@@ -126,7 +118,9 @@ def main(cfg: EvalConfig) -> None:
             data_dir = eval_data_dir(cfg, loaded.data_dir)
             windows = sequential_windows(data_dir, cfg.split, block_size, cfg.batch_size, rank=dist.rank,
                                          world_size=dist.world_size, device=dist.device, max_targets=cfg.limit_tokens)
-            check_same_tokenizer(load_meta(data_dir), loaded.meta, data_dir, loaded.source)
+            # token ids only mean something under the tokenizer the model was trained with (checked against its record)
+            check_same_tokenizer(tokenizer_identity(loaded.meta), load_meta(data_dir), str(data_dir), loaded.source,
+                                 "evaluate it on data prepared with its own tokenizer")
             t0 = time.time()
             loss_sum, n_tokens = split_loss(model, windows, ctx, dist.world_size)
             loss = loss_sum / n_tokens

@@ -265,12 +265,13 @@ class LanguageModel(nn.Module):
     """
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 vocab_size=None):
         """Continue idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
 
         Same arguments as stream(); temperature=0 is greedy decoding.
         """
-        new_tokens = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator))
+        new_tokens = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, vocab_size))
         return torch.cat([idx, *new_tokens], dim=1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -432,7 +433,7 @@ class GPT(LanguageModel):
         return logits, loss
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, vocab_size=None):
         """Yield max_new_tokens new tokens, each a (B, 1) tensor, as soon as it is sampled.
 
         idx (B, T): the prompt. A prompt longer than block_size is cropped to its last block_size
@@ -443,6 +444,8 @@ class GPT(LanguageModel):
         every architecture option: the output always equals forward() on the cropped context.
         Runs with dropout off (eval mode) and restores the module's mode afterwards.
         temperature=0 is greedy; top_k / top_p / generator: see sample_next_token().
+        vocab_size: the tokenizer's vocabulary; only ids below it are drawn, never one of the rows
+        a vocabulary is padded with for speed (50,257 -> 50,304), which no tokenizer can decode.
         """
         check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p)
         block_size = self.config.block_size
@@ -457,7 +460,7 @@ class GPT(LanguageModel):
                     logits, _ = self(context, kv_cache=kv_cache)
                 else:
                     logits, _ = self(idx[:, -1:], kv_cache=kv_cache)
-                next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                next_token = sample_next_token(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)  # (B, 1)
                 idx = torch.cat((idx, next_token), dim=1)
                 yield next_token
         finally:
@@ -564,12 +567,13 @@ class BigramLanguageModel(LanguageModel):
         return self.logits_table(idx[:, [-1]]), None  # (B, 1, V)
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, vocab_size=None):
         """Yield max_new_tokens new (B, 1) tokens; each depends on the previous token only."""
         check_sampling_args(idx, max_new_tokens, temperature, top_k, top_p)
         token = idx[:, -1:]
         for _ in range(max_new_tokens):
-            token = sample_next_token(self.logits_table(token)[:, -1, :], temperature, top_k, top_p, generator)
+            logits = self.logits_table(token)[:, -1, :vocab_size]
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)
             yield token
 
     def get_num_params(self, non_embedding=True):

@@ -41,6 +41,7 @@ class SampleConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # 'auto': bfloat16 if supported, else float16 on cuda, float32 elsewhere
     stream: bool | None = None  # print tokens as they are produced; None: on for one sample, off for several
     stop_at_eot: bool = False  # end a sample at the end-of-text token (GPT-2 BPE models)
+    compile: bool = False  # torch.compile the model (nanoGPT's key; pays off only for long samples)
 
     def __post_init__(self):
         check_types(self)
@@ -107,7 +108,8 @@ class IncrementalDecoder:
     A GPT-2 token can end in the middle of a character's UTF-8 bytes (emoji, CJK); decoding it
     alone gives a replacement character. Tokens are held back while their text ends in one
     (up to a few tokens, after which the bytes are invalid anyway), then printed together.
-    Ids the tokenizer does not know (the padded rows of a 50304-entry vocabulary) are skipped.
+    Ids the tokenizer does not know (the padded rows of a 50304-entry vocabulary, which sampling
+    never draws) are skipped.
     """
 
     MAX_PENDING = 8  # a UTF-8 character is at most 4 bytes, so at most 4 byte tokens
@@ -131,15 +133,16 @@ class IncrementalDecoder:
 
 
 def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                    generator: torch.Generator, device, stop_token: int | None = None, ctx=nullcontext()):
+                    generator: torch.Generator, device, stop_token: int | None = None, ctx=nullcontext(),
+                    vocab_size: int | None = None):
     """Yield the new token ids of one sample as the model produces them (KV-cache generation).
 
     temperature 0 is greedy; top_k 0 and top_p 1.0 mean no limit. Stops after stop_token (not
-    yielded) when it is given.
+    yielded) when it is given. Only ids below vocab_size (the tokenizer's) are drawn: never a padded row.
     """
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     tokens = model.stream(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                          top_p=top_p if top_p < 1.0 else None, generator=generator)
+                          top_p=top_p if top_p < 1.0 else None, generator=generator, vocab_size=vocab_size)
     with ctx:  # autocast around every forward the stream runs
         for token in tokens:
             token = token.item()
@@ -154,6 +157,8 @@ def main(argv: list[str]) -> None:
     dtype = resolve_dtype(cfg.dtype, device)
     prompt = read_prompt(cfg.start)
     loaded = load_for_inference(cfg.out_dir, cfg.init_from, device, cfg.meta)
+    if cfg.compile:
+        loaded.model.compile()
     tokenizer, block_size = loaded.tokenizer, loaded.model.config.block_size
     prompt_ids, prompt_text = encode_prompt(prompt, tokenizer, block_size)
     stop_token = None
@@ -170,7 +175,8 @@ def main(argv: list[str]) -> None:
     out = sys.stdout
     for _ in range(cfg.num_samples):
         new_tokens = generate_tokens(loaded.model, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                     cfg.top_p, generator, device, stop_token, autocast(device, dtype))
+                                     cfg.top_p, generator, device, stop_token, autocast(device, dtype),
+                                     tokenizer.vocab_size)
         if stream:
             out.write(prompt_text)
             out.flush()

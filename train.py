@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from configurator import ConfigError, TrainConfig, config_dict, load_config
-from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, load_model_weights,
+from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, load_model_weights, model_args_of,
                               restore_training_state, save_training_state)
 from forge.cpu import retain_freed_memory
 from forge.data import TokenBatches, load_meta
@@ -31,6 +31,7 @@ from forge.hellaswag import HellaSwagTask
 from forge.metrics import MetricsLog, NonFiniteLossError
 from forge.optim import build_optimizer
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
+from forge.tokenize import GPT2_VOCAB_SIZE, check_same_tokenizer, gpt2_meta, tokenizer_identity
 from model import GPT, GPTConfig, build_model
 
 GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}  # the rest are options
@@ -77,7 +78,7 @@ def main(cfg: TrainConfig) -> None:
             if cfg.eval_hellaswag_interval else None
 
         # -------------------------------------------------------------------- model
-        model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta))
+        model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta), meta)
         model.to(dist.device)
         seed_everything(cfg.seed + dist.rank)  # from here on (dropout) every rank draws its own stream
         scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
@@ -107,7 +108,8 @@ def main(cfg: TrainConfig) -> None:
             path = save_training_state(
                 cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, loader=train_batches,
                 keep_last=cfg.keep_last, write=dist.is_main, model_args=model_args, model_type=model_type,
-                iter_num=iter_num, best_val_loss=best_val_loss, config=config_dict(cfg), wandb_run_id=wandb_run_id)
+                tokenizer=tokenizer_identity(meta), iter_num=iter_num, best_val_loss=best_val_loss,
+                config=config_dict(cfg), wandb_run_id=wandb_run_id)
             log.info(f"saved checkpoint to {path} ({reason})")
 
         # -------------------------------------------------------------------- the loop
@@ -198,17 +200,50 @@ def resolve_init(init_from: str, out_dir: str, eval_only: bool = False):
     return init_from, None
 
 
+# what this command and this machine say, never the stored run's (a run may resume on another machine)
+NOT_INHERITED = ("out_dir", "init_from", "device", "backend")
+
+
+def resumed_run_config(values: dict) -> dict:
+    """load_config's base: when the command resumes a run, the run's own config under what the command sets.
+
+    So `--out_dir=X --init_from=resume` (plus e.g. --max_iters) continues a run, nanoGPT's included, with
+    its dataset, shape and schedule; a shape the command sets that conflicts stays an error
+    (check_checkpoint_matches). Model fields the stored config lacks come from the weights (a nanoGPT
+    run's has no mlp: it is the erf GELU); keys of the stored config this version does not know are ignored.
+    """
+    defaults = TrainConfig.__dataclass_fields__
+    out_dir, init_from = (values.get(k, defaults[k].default) for k in ("out_dir", "init_from"))
+    if not has_checkpoint(out_dir) or (init_from not in ("resume", "auto") and restart_count() == 0):
+        return {}
+    ckpt = load_checkpoint(out_dir)
+    stored = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    model_fields = {k: v for k, v in model_args_of(ckpt).items() if k != "vocab_size"}
+    merged = {**model_fields, **stored, "model_type": ckpt["model_type"]}
+    return {k: v for k, v in merged.items() if k in defaults and k not in NOT_INHERITED}
+
+
 def model_vocab_size(meta: dict) -> int:
-    """The dataset's vocabulary, rounded up to a multiple of 64 for BPE (faster matmuls; char vocabularies stay exact)."""
+    """The model's vocabulary (rows of the embedding and the head) for a dataset: the one place padding is decided.
+
+    A scratch BPE run rounds the tokenizer's vocabulary up to a multiple of 64 (50,257 -> 50,304: faster
+    matmuls); character vocabularies stay exact, and a GPT-2 checkpoint keeps its own 50,257 rows. The
+    tokenizer's real vocabulary (meta["vocab_size"], recorded in every checkpoint) bounds everything else:
+    data ids are checked against it (forge.data) and sampling never draws a padded id (model.stream).
+    """
     vocab_size = meta["vocab_size"]
     return vocab_size if meta["tokenizer"] == "char" else -(-vocab_size // 64) * 64
 
 
-def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int):
-    """(raw model, model_args, model_type): built from the config, rebuilt from a checkpoint, or GPT-2 weights."""
+def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int, meta: dict | None = None):
+    """(raw model, model_args, model_type): built from the config, rebuilt from a checkpoint, or GPT-2 weights.
+
+    vocab_size: a scratch model's rows (model_vocab_size); meta: the dataset's tokenizer, which a checkpoint
+    or GPT-2 must match (None: no dataset to check, e.g. bench.py's random tokens).
+    """
     if init == "resume":
-        check_checkpoint_matches(cfg, ckpt, vocab_size)
-        model_args, model_type = dict(ckpt["model_args"]), ckpt["model_type"]
+        check_checkpoint_matches(cfg, ckpt, meta)
+        model_args, model_type = model_args_of(ckpt), ckpt["model_type"]
         model_args["dropout"] = cfg.dropout  # not a shape: the config's value applies to the rest of the run
         model = build_model(model_type, model_args)
         load_model_weights(model, ckpt["model"], Path(cfg.out_dir) / "ckpt.pt")
@@ -229,8 +264,11 @@ def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int):
                           f"use --block_size={model.config.block_size} or less")
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
-    if vocab_size > model.config.vocab_size:
-        raise ConfigError(f"the dataset's vocabulary ({vocab_size} ids) is larger than {init}'s "
+    if meta is not None and model.config.vocab_size == GPT2_VOCAB_SIZE:  # GPT-2's BPE; another HF vocabulary: its own
+        check_same_tokenizer(tokenizer_identity(gpt2_meta()), meta, cfg.data_dir or f"data/{cfg.dataset}", init,
+                             "prepare the data with the GPT-2 tokenizer")
+    if meta is not None and meta["vocab_size"] > model.config.vocab_size:
+        raise ConfigError(f"the dataset's vocabulary ({meta['vocab_size']} ids) is larger than {init}'s "
                           f"({model.config.vocab_size}): prepare the data with the GPT-2 tokenizer")
     return model, dataclasses.asdict(model.config), "gpt"
 
@@ -248,9 +286,9 @@ def parallelize_and_build_optimizer(cfg: TrainConfig, model, dist, dtype):
     return module, optimizer
 
 
-def check_checkpoint_matches(cfg: TrainConfig, ckpt: dict, vocab_size: int) -> None:
-    """A resumed run must have the model settings its checkpoint was trained with (dropout may change)."""
-    saved_config, saved_args = ckpt.get("config") or {}, ckpt["model_args"]
+def check_checkpoint_matches(cfg: TrainConfig, ckpt: dict, meta: dict | None) -> None:
+    """A resumed run must have the model settings and tokenizer its checkpoint was trained with (dropout may change)."""
+    saved_config, saved_args = ckpt.get("config") or {}, model_args_of(ckpt)
     for name in ["model_type", *saved_args]:
         if name in ("dropout", "vocab_size") or not hasattr(cfg, name):
             continue
@@ -259,8 +297,12 @@ def check_checkpoint_matches(cfg: TrainConfig, ckpt: dict, vocab_size: int) -> N
             raise CheckpointError(f"{Path(cfg.out_dir) / 'ckpt.pt'} was trained with {name}={saved!r} but the config "
                                   f"says {name}={getattr(cfg, name)!r}: use the same model settings to resume, "
                                   "or another --out_dir for a new run")
-    if vocab_size > saved_args.get("vocab_size", vocab_size):
-        raise CheckpointError(f"the dataset's vocabulary ({vocab_size}) is larger than the checkpoint's "
+    if meta is None:
+        return
+    check_same_tokenizer(ckpt.get("tokenizer"), meta, cfg.data_dir or f"data/{cfg.dataset}",
+                         Path(cfg.out_dir) / "ckpt.pt", "resume on the dataset it was trained on (--dataset or --data_dir)")
+    if meta["vocab_size"] > saved_args.get("vocab_size", meta["vocab_size"]):
+        raise CheckpointError(f"the dataset's vocabulary ({meta['vocab_size']}) is larger than the checkpoint's "
                               f"({saved_args['vocab_size']}): resume on the dataset it was trained on")
 
 
@@ -370,4 +412,4 @@ class StopRequest:
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(load_config(sys.argv[1:])))
+    run_main(lambda: main(load_config(sys.argv[1:], base=resumed_run_config)))

@@ -1,8 +1,9 @@
 """Checkpoints: `out_dir/ckpt.pt`, written atomically, read without running code.
 
 A checkpoint is a dict with nanoGPT's classic keys (model, optimizer, model_args, iter_num,
-best_val_loss, config) plus what an exact resume needs: model_type, scaler, rng (per rank: torch,
-CUDA, numpy and python generator states), data (the loader position) and wandb_run_id. Everything
+best_val_loss, config) plus what an exact resume needs: model_type, model_options (the GPTConfig
+fields nanoGPT lacks), tokenizer (what the ids mean), scaler, rng (per rank: torch, CUDA, numpy and
+python generator states), data (the loader position) and wandb_run_id. Everything
 is tensors and plain Python values, so `torch.load(weights_only=True)` reads it: a checkpoint can
 never run code when it is opened.
 
@@ -22,6 +23,8 @@ import torch
 from forge.errors import UserError
 
 CKPT_NAME = "ckpt.pt"
+NANOGPT_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # its GPTConfig
+GPT2_MLPS = ("gelu", "gelu_exact")  # GPT-2's tanh GELU and nanoGPT's erf GELU: nanoGPT's model runs either's weights
 PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP in older nanoGPT checkpoints
 # Causal-mask buffers that nanoGPT saved before torch 2.0 had flash attention: not weights, dropped on load.
 LEGACY_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
@@ -197,6 +200,36 @@ def load_model_weights(model: torch.nn.Module, state_dict: dict, source) -> None
     model.load_state_dict(state_dict)
 
 
+def checkpoint_model_args(model_args: dict, model_type: str = "gpt") -> dict:
+    """The checkpoint entries that describe the model: {'model_args': ..., 'model_options': ...}.
+
+    model_args holds nanoGPT's seven keys, so nanoGPT's sample.py (`GPTConfig(**model_args)`) loads
+    a model that uses only GPT-2's architecture; an option nanoGPT lacks (rotary, RMSNorm, ...) is
+    kept in model_args too, so that nanoGPT refuses the checkpoint instead of running the weights
+    as another model. model_options holds every GPTConfig field nanoGPT lacks, for our own loader.
+    """
+    if model_type != "gpt":
+        return {"model_args": dict(model_args)}
+    from model import GPTConfig
+
+    defaults = GPTConfig.__dataclass_fields__
+    options = {k: v for k, v in model_args.items() if k not in NANOGPT_MODEL_ARGS}
+    foreign = {k: v for k, v in options.items()
+               if not (k == "mlp" and v in GPT2_MLPS) and v != defaults[k].default}
+    return {"model_args": {k: model_args[k] for k in NANOGPT_MODEL_ARGS} | foreign, "model_options": options}
+
+
+def model_args_of(ckpt: dict) -> dict:
+    """The full model arguments of a checkpoint: model_args with model_options on top. A checkpoint
+    without model_options and without 'mlp' is nanoGPT's, whose MLP is the exact (erf) nn.GELU()."""
+    model_args = dict(ckpt["model_args"])
+    if isinstance(ckpt.get("model_options"), dict):
+        model_args.update(ckpt["model_options"])
+    elif ckpt.get("model_type", "gpt") == "gpt" and "mlp" not in model_args:
+        model_args["mlp"] = "gelu_exact"
+    return model_args
+
+
 def load_model(out_dir, device="cpu"):
     """(model in eval mode on `device`, checkpoint dict) for sample.py and evaluate.py."""
     from model import build_model
@@ -205,7 +238,7 @@ def load_model(out_dir, device="cpu"):
     model_args = ckpt.get("model_args")
     if not isinstance(model_args, dict):
         raise CheckpointError(f"{checkpoint_path(out_dir)} has no model_args; it cannot be rebuilt into a model")
-    model = build_model(ckpt["model_type"], dict(model_args))
+    model = build_model(ckpt["model_type"], model_args_of(ckpt))
     load_model_weights(model, ckpt["model"], checkpoint_path(out_dir))
     model.to(device)
     model.eval()
@@ -269,8 +302,9 @@ def save_training_state(out_dir, *, model, optimizer, scaler, loader, keep_last:
     """Gather the full model and optimizer state and every rank's RNG state; the writer (rank 0) saves.
 
     Collective under a process group: every rank must call it. `fields` are the plain entries
-    (model_args, model_type, iter_num, best_val_loss, config, wandb_run_id). A failed write fails
-    every rank, not only the writer. Returns the checkpoint's path.
+    (model_args, model_type, tokenizer, iter_num, best_val_loss, config, wandb_run_id); model_args
+    is stored as checkpoint_model_args() splits it. A failed write fails every rank, not only the
+    writer. Returns the checkpoint's path.
     """
     from forge.distributed import any_rank, full_model_state_dict, full_optimizer_state_dict
 
@@ -281,6 +315,7 @@ def save_training_state(out_dir, *, model, optimizer, scaler, loader, keep_last:
         "data": loader.state_dict(),
         "rng": gather_rng_states(),
         **fields,
+        **checkpoint_model_args(fields["model_args"], fields.get("model_type", "gpt")),
     }
     error = None
     if write:

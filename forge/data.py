@@ -87,6 +87,14 @@ def _validated(meta: dict, path: Path) -> dict:
         if (not isinstance(itos, list) or len(itos) != vocab_size
                 or not all(isinstance(c, str) and len(c) == 1 for c in itos)):
             raise DataError(f"{path}: a char vocabulary needs 'itos', a list of {vocab_size} single characters")
+    max_ids = meta.get("max_token_ids", {})  # recorded at prepare time; older folders are checked batch by batch
+    if not isinstance(max_ids, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in max_ids.values()):
+        raise DataError(f"{path}: max_token_ids {max_ids!r} is not a {{split: largest id}} object; re-run the dataset's "
+                        "prepare.py")
+    for split, max_id in max_ids.items():
+        if max_id >= vocab_size:
+            raise DataError(f"{path}: {split}.bin holds token id {max_id} but vocab_size is {vocab_size}: the bins "
+                            "belong to another tokenizer; re-run the dataset's prepare.py")
     return meta
 
 
@@ -138,6 +146,17 @@ def _check_length(tokens: np.ndarray, path, block_size: int) -> None:
     if len(tokens) < block_size + 1:
         raise DataError(f"{path} has {len(tokens):,} tokens but block_size={block_size} needs at least "
                         f"{block_size + 1:,}: lower block_size or prepare more text")
+
+
+def check_token_ids(windows: np.ndarray, offsets, vocab_size: int, path) -> None:
+    """Every id in windows (N, L), read from `path` at token offsets (N,), must be below the tokenizer's
+    vocab_size: an id beyond it would index no row (or a padded row) of the model. One compare per batch."""
+    outside = windows >= vocab_size
+    if outside.any():
+        row, col = np.argwhere(outside)[0]
+        raise DataError(f"{path} holds token id {int(windows[row, col])} at token {int(offsets[row]) + int(col):,}, "
+                        f"outside the {vocab_size}-id vocabulary of its metadata: the bin was written with another "
+                        "tokenizer or dtype (uint16 vs uint32); re-run the dataset's prepare.py")
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -198,7 +217,9 @@ class TokenBatches:
         return draws[first:]
 
     def _cpu_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = np.stack([self.tokens[i:i + self.block_size + 1] for i in self.window_offsets(step, micro_step)])
+        offsets = self.window_offsets(step, micro_step)
+        windows = np.stack([self.tokens[i:i + self.block_size + 1] for i in offsets])
+        check_token_ids(windows, offsets, self.vocab_size, self.data_dir / f"{self.split}.bin")
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # model.py views them flat
 
@@ -270,7 +291,9 @@ class SequentialWindows:
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.tokens = open_split(data_dir, split)
+        meta = load_meta(data_dir)
+        self.path, self.vocab_size = Path(data_dir) / f"{split}.bin", meta["vocab_size"]
+        self.tokens = open_split(data_dir, split, meta)
         if len(self.tokens) < 2:
             raise DataError(f"{Path(data_dir) / f'{split}.bin'} has {len(self.tokens)} token: nothing to predict")
         self.num_targets = len(self.tokens) - 1  # every token but the first
@@ -291,6 +314,7 @@ class SequentialWindows:
         y = torch.full((self.batch_size, T), -1, dtype=torch.int64)
         for row, k in enumerate(range(j * self.batch_size, min((j + 1) * self.batch_size, self.num_windows))):
             n = min(T, self.num_targets - k * T)
+            check_token_ids(self.tokens[None, k * T:k * T + n + 1], [k * T], self.vocab_size, self.path)
             x[row, :n] = torch.from_numpy(self.tokens[k * T:k * T + n].astype(np.int64))
             y[row, :n] = torch.from_numpy(self.tokens[k * T + 1:k * T + n + 1].astype(np.int64))
         return _to_device(x, self.device), _to_device(y, self.device)

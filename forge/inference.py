@@ -15,7 +15,7 @@ import torch
 from forge.checkpoint import load_model
 from forge.data import GPT2_VOCAB_SIZE, load_meta
 from forge.errors import UserError
-from forge.tokenize import get_tokenizer, gpt2_meta
+from forge.tokenize import check_same_tokenizer, get_tokenizer, gpt2_meta, tokenizer_identity
 
 META_NAMES = ("meta.json", "meta.pkl")
 
@@ -100,6 +100,7 @@ def load_for_inference(out_dir: str, init_from: str, device: str, meta_path: str
         train_config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         data_dir = run_data_dir(train_config)
         meta = meta_from_path(meta_path) if meta_path else run_meta(data_dir, _vocab_size(model), source)
+        recorded = ckpt.get("tokenizer")  # None in checkpoints older than this record: the vocabulary check below
     else:
         from model import GPT
 
@@ -108,5 +109,8 @@ def load_for_inference(out_dir: str, init_from: str, device: str, meta_path: str
         model.eval()
         source, data_dir = init_from, None
         meta = meta_from_path(meta_path) if meta_path else gpt2_meta()
+        recorded = tokenizer_identity(gpt2_meta()) if _vocab_size(model) == GPT2_VOCAB_SIZE else None
     check_meta_fits(meta, _vocab_size(model), source)
+    where = meta_path or (f"{data_dir}'s metadata" if data_dir is not None else "the GPT-2 BPE")
+    check_same_tokenizer(recorded, meta, where, source, "pass the metadata of the data it was trained on with --meta")
     return Loaded(model=model, meta=meta, tokenizer=get_tokenizer(meta), source=source, data_dir=data_dir)

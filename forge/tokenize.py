@@ -121,6 +121,31 @@ def gpt2_meta() -> dict:
     return {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "dtype": "uint16"}
 
 
+# The metadata keys that decide what a token id means; not dtype, nor statistics such as max_token_ids.
+# A new tokenizer kind adds the keys that define its vocabulary here.
+TOKENIZER_KEYS = ("tokenizer", "vocab_size", "itos")
+
+
+def tokenizer_identity(meta: dict) -> dict:
+    """What a checkpoint records about the tokenizer it was trained with: kind, vocabulary size and a
+    SHA-256 of the defining metadata (TOKENIZER_KEYS), so that data of another tokenizer is recognised."""
+    defining = {key: meta[key] for key in TOKENIZER_KEYS if key in meta}
+    digest = hashlib.sha256(json.dumps(defining, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return {"kind": meta["tokenizer"], "vocab_size": meta["vocab_size"], "sha256": digest[:16]}
+
+
+def check_same_tokenizer(recorded, meta: dict, data: str, model: str, advice: str) -> None:
+    """DataError unless `meta` (the tokenizer of `data`) is the one `model` recorded (a checkpoint's
+    "tokenizer" entry; None for checkpoints older than that record, which only a vocabulary check can judge)."""
+    if recorded is None or recorded == tokenizer_identity(meta):
+        return
+    same_kind = recorded.get("kind") == meta["tokenizer"] and recorded.get("vocab_size") == meta["vocab_size"]
+    what = "the same size" if same_kind else f"'{meta['tokenizer']}', {meta['vocab_size']} ids"
+    what = f"another vocabulary ({what})"
+    raise DataError(f"{data} is tokenized with {what}, but {model} was trained with '{recorded.get('kind')}' "
+                    f"({recorded.get('vocab_size')} ids, sha256 {recorded.get('sha256')}): {advice}")
+
+
 # ----------------------------------------------------------------------------- the streaming pipeline
 
 _WORD = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -325,7 +350,12 @@ class PreparedFolder:
         return self._temps[final]
 
     def commit(self, meta: dict) -> None:
-        """Bins into place, then meta.json (atomic), so that a folder with a meta.json is complete."""
+        """Bins into place, then meta.json (atomic), so that a folder with a meta.json is complete.
+
+        meta.json also records each bin's largest token id (`max_token_ids`, {split: id}), so that a
+        loader can check the ids against a model's vocabulary without reading the bins."""
+        meta = {**meta, "max_token_ids": {final.stem: bin_max_id(temp, meta["dtype"])
+                                          for final, temp in self._temps.items() if final.suffix == ".bin"}}
         meta_path = self.out_dir / "meta.json"
         meta_path.unlink(missing_ok=True)  # until the new meta.json lands the folder reads as incomplete
         # meta.json.tmp is written first and renamed last: between the renames a *.tmp file always marks
@@ -345,6 +375,13 @@ class PreparedFolder:
         if exc_type is not None and self._created and not any(self.out_dir.iterdir()):
             self.out_dir.rmdir()  # a failed first run leaves no empty folder behind
         return False
+
+
+def bin_max_id(path, dtype: str) -> int:
+    """The largest token id in a bin (-1 for an empty one), read in blocks (bounded memory)."""
+    tokens = np.memmap(path, dtype=DTYPES[dtype], mode="r") if os.path.getsize(path) else np.zeros(0, np.uint16)
+    block = 1 << 24
+    return max((int(tokens[i:i + block].max()) for i in range(0, len(tokens), block)), default=-1)
 
 
 def write_atomic(path, data: bytes) -> None:

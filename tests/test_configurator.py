@@ -134,3 +134,14 @@ def test_every_shipped_config_file_loads():
 def test_resolved_config_is_json(tmp_path):
     cfg = load_config([])
     assert json.loads(json.dumps(configurator.config_dict(cfg)))["n_layer"] == cfg.n_layer
+
+
+def test_base_values_go_under_the_command_line_and_are_validated_together():
+    """train.py's resume: the run's stored values are the base; the command's keys win; then the whole is checked."""
+    seen = []
+    base = {"n_head": 4, "n_embd": 32, "max_iters": 7, "dataset": "shakespeare_char"}
+    cfg = load_config(["--n_embd=64", "--out_dir=run"], base=lambda values: seen.append(values) or base)
+    assert seen == [{"n_embd": 64, "out_dir": "run"}]  # base sees what the command set
+    assert (cfg.n_head, cfg.n_embd, cfg.max_iters, cfg.dataset) == (4, 64, 7, "shakespeare_char")  # 64 % 12 != 0
+    with pytest.raises(ConfigError, match="n_embd=48 must be divisible by n_head=5"):
+        load_config(["--n_embd=48"], base=lambda values: {"n_head": 5})

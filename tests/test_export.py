@@ -7,7 +7,7 @@ import stat
 import pytest
 import torch
 
-from forge.checkpoint import save_checkpoint
+from forge.checkpoint import checkpoint_model_args, save_checkpoint
 from forge.export import main as export_main
 from model import GPT, GPTConfig
 from sample import SEPARATOR
@@ -29,8 +29,8 @@ def make_run(out_dir, data_dir, model_type="gpt", padding=3, scale=1.0, **option
         for p in model.parameters():
             p.mul_(scale)
         model.transformer.wte.weight[vocab:] = 0
-    save_checkpoint(out_dir, {"model": model.state_dict(), "model_args": args, "model_type": model_type,
-                              "iter_num": 1, "config": {"data_dir": str(data_dir)}})
+    save_checkpoint(out_dir, {"model": model.state_dict(), **checkpoint_model_args(args, model_type),  # as train.py
+                              "model_type": model_type, "iter_num": 1, "config": {"data_dir": str(data_dir)}})
     return model, vocab
 
 

@@ -28,12 +28,19 @@ def nanogpt_char_bins(text):
     return np.array(train_ids, dtype=np.uint16).tobytes(), np.array(val_ids, dtype=np.uint16).tobytes(), chars
 
 
+def recorded(meta: dict, out) -> dict:
+    """meta as a prepared folder holds it: plus the largest id of each bin, read here from the bins."""
+    return {**meta, "max_token_ids": {split: int(np.fromfile(out / f"{split}.bin", dtype=meta["dtype"]).max())
+                                      for split in ("train", "val")}}
+
+
 def test_shakespeare_char_is_byte_compatible_with_nanogpt(tmp_path, shakespeare_file, shakespeare_text):
     out = tmp_path / "out"
     run_py("data/shakespeare_char/prepare.py", "--input", shakespeare_file, "--out_dir", out, check=True)
     train, val, chars = nanogpt_char_bins(shakespeare_text)
     assert (out / "train.bin").read_bytes() == train and (out / "val.bin").read_bytes() == val
-    assert load_meta(out) == {"vocab_size": len(chars), "tokenizer": "char", "dtype": "uint16", "itos": chars}
+    assert load_meta(out) == recorded({"vocab_size": len(chars), "tokenizer": "char", "dtype": "uint16", "itos": chars},
+                                      out)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     if HAVE_SHAKESPEARE:
         assert (len(train) // 2, len(val) // 2, len(chars)) == (1_003_854, 111_540, 65)
@@ -46,7 +53,7 @@ def test_shakespeare_bpe_counts(tmp_path, shakespeare_file, shakespeare_text, gp
     for split, part in (("train", shakespeare_text[:n]), ("val", shakespeare_text[n:])):
         expected = np.array(gpt2_encoding.encode_ordinary(part), dtype=np.uint16)
         assert np.array_equal(np.fromfile(out / f"{split}.bin", dtype="<u2"), expected)
-    assert load_meta(out) == gpt2_meta()
+    assert load_meta(out) == recorded(gpt2_meta(), out)
     if HAVE_SHAKESPEARE:
         assert (out / "train.bin").stat().st_size // 2 == 301_966 and (out / "val.bin").stat().st_size // 2 == 36_059
 
@@ -104,7 +111,7 @@ def test_own_text_directory_of_txt_and_jsonl(tmp_path, gpt2_encoding):
     expected = [t for doc in docs for t in gpt2_encoding.encode_ordinary(doc) + [50256]]
     train, val = np.fromfile(out / "train.bin", dtype="<u2"), np.fromfile(out / "val.bin", dtype="<u2")
     assert train.tolist() + val.tolist() == expected
-    assert len(train) == int(len(expected) * 0.75) and load_meta(out) == gpt2_meta()
+    assert len(train) == int(len(expected) * 0.75) and load_meta(out) == recorded(gpt2_meta(), out)
 
 
 def test_bad_jsonl_line_names_file_and_line_and_keeps_the_old_output(tmp_path, shakespeare_file):
@@ -177,6 +184,6 @@ def test_openwebtext_from_a_local_dataset(tmp_path, gpt2_encoding):
     for split, name in (("train", "train"), ("val", "test")):
         expected = [t for doc in reference[name]["text"] for t in gpt2_encoding.encode_ordinary(doc) + [50256]]
         assert np.fromfile(out / f"{split}.bin", dtype="<u2").tolist() == expected
-    assert load_meta(out) == gpt2_meta()
+    assert load_meta(out) == recorded(gpt2_meta(), out)
     again = run_py("data/openwebtext/prepare.py", "--dataset", source, "--out_dir", out, env=env, check=True)
     assert "already prepared" in again.stdout

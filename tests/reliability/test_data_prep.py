@@ -103,7 +103,8 @@ def _char_folder_contents(text: str):
     itos = sorted(set(text))
     ids = np.array([itos.index(c) for c in text], dtype="<u2")
     n = len(ids) * 9 // 10
-    return ids[:n].tobytes(), ids[n:].tobytes(), forge.tokenize.char_meta(itos)
+    max_ids = {"train": int(ids[:n].max()), "val": int(ids[n:].max())}  # what commit records
+    return ids[:n].tobytes(), ids[n:].tobytes(), {**forge.tokenize.char_meta(itos), "max_token_ids": max_ids}
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["fresh", "over_complete_folder"])
