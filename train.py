@@ -20,13 +20,14 @@ import torch
 
 from configurator import ConfigError, TrainConfig, config_dict, load_config
 from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, load_model_weights,
-                              restore_training_state, save_training_state)
+                              refuse_orphaned_checkpoints, restore_training_state, save_training_state)
 from forge.cpu import retain_freed_memory
 from forge.data import TokenBatches, load_meta
 from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, parallelize,
                                restart_count)
 from forge.errors import is_rank_zero, run_main
 from forge.hellaswag import HellaSwagTask
+from forge.io import lock_folder
 from forge.metrics import MetricsLog, NonFiniteLossError
 from forge.optim import build_optimizer
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
@@ -42,8 +43,10 @@ def main(cfg: TrainConfig) -> None:
                             timeout_s=cfg.dist_timeout_s)
     log = MetricsLog(cfg.out_dir, enabled=dist.is_main)
     stop = StopRequest()
-    loaders = []
+    loaders, lock = [], None
     try:
+        # one writer per run folder while it lives (the kernel drops the lock if it dies): a second run is refused
+        lock = lock_folder(cfg.out_dir, "training run") if dist.is_main and not cfg.eval_only else None
         grad_accum = accumulation_per_rank(cfg.gradient_accumulation_steps, dist.world_size)
         tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
         dtype = resolve_dtype(cfg.dtype, dist.device)
@@ -159,6 +162,8 @@ def main(cfg: TrainConfig) -> None:
         log.close()
         stop.restore()
         destroy()
+        if lock is not None:
+            lock.release()
 
 
 # ------------------------------------------------------------------------ the pieces of main
@@ -181,6 +186,8 @@ def seed_everything(seed: int) -> None:
 def resolve_init(init_from: str, out_dir: str, eval_only: bool = False):
     """('scratch' | 'resume' | pretrained name or dir, checkpoint dict or None); never plans to overwrite a run."""
     exists = has_checkpoint(out_dir)
+    if not eval_only:
+        refuse_orphaned_checkpoints(out_dir, init_from)
     if init_from == "auto" or (exists and restart_count() > 0):  # torchrun or SLURM restarted us: continue the run
         init_from = "resume" if exists else "scratch"
     if init_from == "resume":

@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -20,56 +21,20 @@ import numpy as np
 import torch
 
 from forge.errors import UserError
+from forge.io import atomic_write, first_line, os_reason
 
 CKPT_NAME = "ckpt.pt"
 PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP in older nanoGPT checkpoints
 # Causal-mask buffers that nanoGPT saved before torch 2.0 had flash attention: not weights, dropped on load.
 LEGACY_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
+NUMBERED = re.compile(r"ckpt-(\d+)\.pt")  # the copies keep_last writes: ckpt-<iter>.pt
 
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, foreign or does not fit the configured model."""
 
 
-# ----------------------------------------------------------------------------- atomic files
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write) -> None:
-    """Create or replace `path` with what write(binary_file) writes: all of it or nothing.
-
-    OSError (disk full, read-only or unwritable folder) propagates after the temporary file is
-    removed, and the previous `path` is untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    for stale in path.parent.glob(f".{path.name}.tmp.*"):  # left by a writer that was killed: reclaim the space
-        try:
-            stale.unlink()
-        except OSError:
-            pass
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
+# ----------------------------------------------------------------------------- saving
 
 def checkpoint_path(out_dir_or_path) -> Path:
     """out_dir/ckpt.pt for a run folder, the path itself for a checkpoint file (*.pt, e.g. ckpt-2000.pt)."""
@@ -79,6 +44,17 @@ def checkpoint_path(out_dir_or_path) -> Path:
 
 def has_checkpoint(out_dir) -> bool:
     return (Path(out_dir) / CKPT_NAME).is_file()
+
+
+def refuse_orphaned_checkpoints(out_dir, init_from: str) -> None:
+    """A run folder whose ckpt.pt is gone but whose numbered checkpoints remain is not started over (its
+    keep_last would delete them): CheckpointError saying how to resume from the latest."""
+    numbered = [] if has_checkpoint(out_dir) else numbered_checkpoints(out_dir)
+    if numbered:
+        ckpt = Path(out_dir) / CKPT_NAME
+        raise CheckpointError(f"{out_dir} has no {CKPT_NAME} but holds numbered checkpoints (latest {numbered[-1].name}): "
+                              f"init_from={init_from} would not continue them; resume from one with "
+                              f"`cp {numbered[-1]} {ckpt}` and --init_from=resume, or choose another --out_dir")
 
 
 def save_checkpoint(out_dir, state: dict, keep_last: int = 0) -> Path:
@@ -95,7 +71,7 @@ def save_checkpoint(out_dir, state: dict, keep_last: int = 0) -> Path:
         os_error = exc if isinstance(exc, OSError) else exc.__context__
         if not isinstance(os_error, OSError):
             raise
-        reason = os_error.strerror or str(os_error)
+        reason = os_reason(os_error)
         previous = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
         raise CheckpointError(f"cannot save the checkpoint in {out_dir}: {reason}; {previous}. "
                               "Free disk space or choose a writable out_dir") from None
@@ -108,20 +84,29 @@ def _keep_numbered_copy(out_dir: Path, path: Path, iter_num: int, keep_last: int
     try:
         os.link(path, numbered)  # same bytes, no copy: a later ckpt.pt replaces the name, not this file
     except OSError:
-        atomic_write(numbered, lambda f: f.write(path.read_bytes()))
-    history = sorted(out_dir.glob("ckpt-*.pt"), key=lambda p: _numbered_iter(p))
-    for old in history[:-keep_last]:
+        with open(path, "rb") as src:
+            atomic_write(numbered, lambda f: shutil.copyfileobj(src, f, 1 << 24))
+    for old in numbered_checkpoints(out_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
 
 
-def _numbered_iter(path: Path) -> int:
-    try:
-        return int(path.stem.split("-", 1)[1])
-    except ValueError:
-        return -1
+def numbered_checkpoints(out_dir) -> list:
+    """The ckpt-<iter>.pt files keep_last writes, oldest first. Only exactly that name: a user's
+    ckpt-best.pt or ckpt-final.pt is not one of them and is never touched."""
+    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("ckpt-*.pt") if (m := NUMBERED.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 # ----------------------------------------------------------------------------- loading
+
+def _recovery_hint(path: Path) -> str:
+    """What to do about an unreadable checkpoint: restore a copy, never delete (it may be recoverable)."""
+    numbered = [p for p in numbered_checkpoints(path.parent) if p.resolve() != path.resolve()]
+    if numbered:
+        return (f"move it aside rather than deleting it, then resume from the run's latest numbered checkpoint: "
+                f"cp {numbered[-1]} {path.parent / CKPT_NAME}")
+    return "keep it (do not delete it) and restore a good copy from a backup or from the machine that wrote it"
+
 
 def strip_prefixes(state_dict: dict) -> dict:
     """Parameter names without `_orig_mod.` / `module.` prefixes, and without the causal-mask buffers
@@ -150,7 +135,7 @@ def load_checkpoint(out_dir_or_path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train one first (init_from=scratch) or check out_dir")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (an interrupted copy?); delete it or restore a good copy")
+        raise CheckpointError(f"checkpoint {path} is empty (an interrupted copy?); {_recovery_hint(path)}")
     # Memory-map the tensors instead of reading them in: each of a node's ranks would otherwise hold its own
     # copy of the whole checkpoint (8 x ~19 GB for GPT-2 1.5B with AdamW); mapped, they share the page cache.
     # Only for the zip format (torch >= 1.6) and on POSIX (Windows cannot replace a mapped file on save).
@@ -164,21 +149,16 @@ def load_checkpoint(out_dir_or_path) -> dict:
                                   "when loaded (checkpoints hold only tensors and plain values); it is not a gptforge "
                                   "checkpoint, or it comes from an untrusted source") from None
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a valid checkpoint file); "
-                              "delete it or restore a good copy") from None
+                              f"{_recovery_hint(path)}") from None
     except Exception as exc:  # zip errors, EOF, bad magic: truncated or not a checkpoint at all
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_first_line(exc)}); "
-                              "delete it or restore a good copy") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first_line(exc)}); "
+                              f"{_recovery_hint(path)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} is not a training checkpoint (no 'model' state dict); "
                               "point to a ckpt.pt written by train.py")
     ckpt["model"] = strip_prefixes(ckpt["model"])
     ckpt.setdefault("model_type", "gpt")
     return ckpt
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def load_model_weights(model: torch.nn.Module, state_dict: dict, source) -> None:
@@ -303,7 +283,7 @@ def restore_training_state(ckpt: dict, *, model, optimizer, scaler, loader, rank
         try:
             load_full_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         except (KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({_first_line(exc)}); "
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({first_line(exc)}); "
                                   "resume with the optimizer settings it was trained with") from None
     if ckpt.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])

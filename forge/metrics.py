@@ -1,4 +1,4 @@
-"""What a run reports: console lines, out_dir/metrics.jsonl, out_dir/config.json and Weights & Biases.
+"""What a run reports: console lines, out_dir/metrics.jsonl, out_dir/train_config.json and Weights & Biases.
 
 Only the writer (rank 0) prints or writes; on other ranks every method is a no-op, so the loop
 calls them unconditionally. metrics.jsonl holds one JSON object per log or eval step and survives
@@ -15,11 +15,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from forge.checkpoint import atomic_write
 from forge.errors import UserError
+from forge.io import atomic_write
 
 METRICS_NAME = "metrics.jsonl"
-CONFIG_NAME = "config.json"
+CONFIG_NAME = "train_config.json"  # not config.json: out_dir may be a Hugging Face folder, whose config.json it is
 
 
 def process_start_time() -> float:
@@ -94,7 +94,7 @@ class MetricsLog:
 
     # --- files
     def write_config(self, config: dict) -> str:
-        """out_dir/config.json: the resolved config and the git commit (atomic); logs both. Returns the commit."""
+        """out_dir/train_config.json: the resolved config and the git commit (atomic); logs both. Returns the commit."""
         commit = git_commit()
         if self.enabled:
             payload = json.dumps({"git_commit": commit, "config": config}, indent=2) + "\n"

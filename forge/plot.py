@@ -6,7 +6,7 @@
 
 Reads what the training loop writes: `metrics.jsonl` (one JSON object per log or eval step:
 `iter`, `loss`, `lr`, `tokens_per_sec`, `mfu`, and for evals `train_loss`, `val_loss`, and
-`hellaswag_acc_norm` when enabled) and, when present, `config.json` (the resolved config), from which the tokens seen per iteration
+`hellaswag_acc_norm` when enabled) and, when present, `train_config.json` (the resolved config), from which the tokens seen per iteration
 are `batch_size * block_size * gradient_accumulation_steps` (the global batch, whatever the
 world size). matplotlib is an optional dependency: `pip install -e '.[plot]'`.
 """
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forge.errors import ArgumentParser, UserError, run_main
-from forge.metrics import read_metrics
+from forge.io import atomic_write, os_reason
+from forge.metrics import CONFIG_NAME, read_metrics
 
 
 class PlotError(UserError):
@@ -50,11 +51,14 @@ def _series(records: list[dict], key: str, scale: float = 1.0) -> list[tuple[int
 
 
 def tokens_per_iter_from_config(run_dir: Path) -> int | None:
-    """Global tokens per optimizer step from the run's config.json, or None when unknown."""
-    path = run_dir / "config.json"
+    """Global tokens per optimizer step from the run's train_config.json (config.json in runs made before
+    it was renamed: only when it has train.py's layout, never a Hugging Face config), or None when unknown."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-        config = config.get("config", config)  # train.py writes {"git_commit": ..., "config": {...}}
+        if (run_dir / CONFIG_NAME).is_file():
+            config = json.loads((run_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+        else:
+            config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        config = config["config"]  # train.py writes {"git_commit": ..., "config": {...}}
         value = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -102,14 +106,14 @@ def plot_runs(runs: list[Run], out_path: str | Path, x_axis: str = "iter") -> Pa
 
     x_axis='iter' puts iterations on the x axis, with a 'tokens seen' axis on top when every run
     has the same known tokens per iteration; x_axis='tokens' plots against tokens seen directly
-    (needs config.json in every run), which compares runs with different batch sizes fairly.
+    (needs train_config.json in every run), which compares runs with different batch sizes fairly.
     """
     plt, ticker = _import_pyplot()
     EngFormatter, FuncFormatter = ticker.EngFormatter, ticker.FuncFormatter
     if x_axis == "tokens":
         missing = [run.label for run in runs if run.tokens_per_iter is None]
         if missing:
-            raise PlotError(f"--x=tokens needs config.json (batch_size, block_size, gradient_accumulation_steps) in: {', '.join(missing)}")
+            raise PlotError(f"--x=tokens needs train_config.json (batch_size, block_size, gradient_accumulation_steps) in: {', '.join(missing)}")
 
     def xs(run, series):
         scale = run.tokens_per_iter if x_axis == "tokens" else 1
@@ -170,10 +174,12 @@ def plot_runs(runs: list[Run], out_path: str | Path, x_axis: str = "iter") -> Pa
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
         raise PlotError(f"cannot write {out_path}: folder {out_path.parent} does not exist")
-    tmp = out_path.with_name(out_path.name + ".tmp.png")  # atomic: a reader never sees half a PNG
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_path)
+    try:  # atomic: a reader never sees half a PNG
+        atomic_write(out_path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    except OSError as exc:
+        raise PlotError(f"cannot write {out_path}: {os_reason(exc)}") from None
+    finally:
+        plt.close(fig)
     return out_path
 
 

@@ -51,9 +51,9 @@ def corpus(tmp_path_factory, shakespeare_text):
 
 SCRIPTS = {
     "text": lambda corpus, out: ["data/text/prepare.py", *sorted(corpus.glob("part*.txt")), "--out_dir", out, "--tokenizer", "gpt2",
-                                 "--num_proc", "2"],
+                                 "--num_proc", "2", "--force"],
     "shakespeare_char": lambda corpus, out: ["data/shakespeare_char/prepare.py", "--input", corpus / "all.txt",
-                                             "--out_dir", out],
+                                             "--out_dir", out, "--force"],
 }
 
 
@@ -132,7 +132,7 @@ def test_commit_crashing_at_every_point_never_looks_complete(tmp_path, monkeypat
             real_replace(src, dst)
 
         monkeypatch.setattr(forge.tokenize.os, "replace", replace)
-        folder = PreparedFolder(out).__enter__()
+        folder = PreparedFolder(out, force=True).__enter__()
         for name, data in new.items():
             folder.temp(name).write_bytes(data)
         try:
