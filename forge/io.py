@@ -128,13 +128,14 @@ class FolderLock:
     """
 
     def __init__(self, folder, role: str):
+        self.empty = str(folder).strip() == ""  # Path("") would be the current folder
         self.folder, self.role = Path(folder), role
         self.path = self.folder / LOCK_NAME
         self._fd = None
         self._created = []  # the folders acquire() created, deepest first
 
     def acquire(self) -> "FolderLock":
-        if str(self.folder).strip() == "":
+        if self.empty:
             raise UserError(f"the {self.role} folder is an empty path; name a folder")
         if self.folder.exists() and not self.folder.is_dir():
             raise UserError(f"{self.folder} is a file, not a folder: choose another path for the {self.role}")

@@ -372,9 +372,12 @@ class PreparedFolder:
                 self._committing = False
             raise
         os.replace(self._temps[meta_path], meta_path)
-        self._temps = {}
+        self._temps, self._committing = {}, False  # the new dataset is in place
         fsync_dir(self.out_dir)
-        backup.unlink(missing_ok=True)
+        try:
+            backup.unlink(missing_ok=True)
+        except OSError:  # a leftover hidden file; the next preparation replaces it
+            pass
 
     def __exit__(self, exc_type, exc, tb):
         try:
