@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from configurator import ConfigError, check_types, load_config
+from configurator import MAX_SEED, ConfigError, check_types, load_config
 from forge.distributed import resolve_device
 from forge.errors import UserError, run_main
 from forge.inference import load_for_inference
@@ -54,6 +54,8 @@ class SampleConfig:
             raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 = no limit)")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1] (1.0 = no limit)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed={self.seed} must be in 0..{MAX_SEED}")
 
 
 class PromptError(UserError):

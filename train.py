@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from configurator import ConfigError, TrainConfig, config_dict, load_config
-from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, load_model_weights,
-                              refuse_orphaned_checkpoints, restore_training_state, save_training_state)
+from forge.checkpoint import (CheckpointError, check_model_args, check_training_fits, has_checkpoint,
+                              load_checkpoint, load_model_weights, refuse_orphaned_checkpoints,
+                              restore_training_state, save_training_state)
 from forge.cpu import retain_freed_memory
 from forge.data import TokenBatches, load_meta
 from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, parallelize,
@@ -79,7 +80,7 @@ def main(cfg: TrainConfig) -> None:
             if cfg.eval_hellaswag_interval else None
 
         # -------------------------------------------------------------------- model
-        model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta))
+        model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta), dist.device)
         model.to(dist.device)
         seed_everything(cfg.seed + dist.rank)  # from here on (dropout) every rank draws its own stream
         scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
@@ -210,18 +211,21 @@ def model_vocab_size(meta: dict) -> int:
     return vocab_size if meta["tokenizer"] == "char" else -(-vocab_size // 64) * 64
 
 
-def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int):
+def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int, device="cpu"):
     """(raw model, model_args, model_type): built from the config, rebuilt from a checkpoint, or GPT-2 weights."""
     if init == "resume":
+        check_model_args(ckpt, Path(cfg.out_dir) / "ckpt.pt")  # before anything is allocated from it
         check_checkpoint_matches(cfg, ckpt, vocab_size)
         model_args, model_type = dict(ckpt["model_args"]), ckpt["model_type"]
         model_args["dropout"] = cfg.dropout  # not a shape: the config's value applies to the rest of the run
+        check_training_fits(model_args, cfg.batch_size, device)
         model = build_model(model_type, model_args)
         load_model_weights(model, ckpt["model"], Path(cfg.out_dir) / "ckpt.pt")
         return model, model_args, model_type
     if init == "scratch":
         names = {f.name for f in dataclasses.fields(GPTConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
         model_args = {name: getattr(cfg, name) for name in sorted(names)} | {"vocab_size": vocab_size}
+        check_training_fits(model_args, cfg.batch_size, device)  # absurd sizes: one line, not an OOM
         return build_model(cfg.model_type, model_args), model_args, cfg.model_type
     if cfg.model_type != "gpt":
         raise ConfigError(f"init_from={init} loads a GPT-2; model_type={cfg.model_type!r} cannot be fine-tuned from it")

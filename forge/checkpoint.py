@@ -163,7 +163,11 @@ def load_checkpoint(out_dir_or_path) -> dict:
 
 def load_model_weights(model: torch.nn.Module, state_dict: dict, source) -> None:
     """load_state_dict, turning a shape or key mismatch into a CheckpointError that names the culprit."""
-    own = model.state_dict()
+    _check_fits(model.state_dict(), state_dict, source)
+    model.load_state_dict(state_dict)
+
+
+def _check_fits(own: dict, state_dict: dict, source) -> None:
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
@@ -174,22 +178,90 @@ def load_model_weights(model: torch.nn.Module, state_dict: dict, source) -> None
         raise CheckpointError(f"checkpoint {source} does not fit the model ({details[0]}; {len(missing)} missing, "
                               f"{len(unexpected)} unexpected, {len(mismatched)} mismatched tensors): "
                               "use the model settings it was trained with")
-    model.load_state_dict(state_dict)
 
 
 def load_model(out_dir, device="cpu"):
-    """(model in eval mode on `device`, checkpoint dict) for sample.py and evaluate.py."""
+    """(model in eval mode on `device`, checkpoint dict) for sample.py and evaluate.py. The checkpoint's
+    shapes are checked before anything is allocated, and NaN/inf weights are refused."""
     from model import build_model
 
     ckpt = load_checkpoint(out_dir)
-    model_args = ckpt.get("model_args")
-    if not isinstance(model_args, dict):
-        raise CheckpointError(f"{checkpoint_path(out_dir)} has no model_args; it cannot be rebuilt into a model")
-    model = build_model(ckpt["model_type"], dict(model_args))
-    load_model_weights(model, ckpt["model"], checkpoint_path(out_dir))
+    source = checkpoint_path(out_dir)
+    check_model_args(ckpt, source)
+    check_finite_weights(ckpt["model"], source)
+    model = build_model(ckpt["model_type"], dict(ckpt["model_args"]))
+    load_model_weights(model, ckpt["model"], source)
     model.to(device)
     model.eval()
     return model, ckpt
+
+
+def check_model_args(ckpt: dict, source) -> None:
+    """The checkpoint has model_args, and the model they describe has exactly the shapes of its tensors.
+
+    Checked on the meta device (no memory), after the number of blocks is compared with the tensors:
+    an edited or damaged model_args (n_embd=10**6, n_layer=10**9) is a CheckpointError, never a model
+    of terabytes being allocated."""
+    from model import build_model
+
+    model_args = ckpt.get("model_args")
+    if not isinstance(model_args, dict):
+        raise CheckpointError(f"{source} has no model_args (the model's shape): it was not written by a training run "
+                              "of this project or nanoGPT and cannot be rebuilt into a model")
+    if ckpt.get("model_type", "gpt") == "gpt":
+        blocks = {int(m.group(1)) for key in ckpt["model"] if (m := re.match(r"transformer\.h\.(\d+)\.", key))}
+        if model_args.get("n_layer") != len(blocks):
+            raise CheckpointError(f"{source}: model_args says n_layer={model_args.get('n_layer')!r} but its weights "
+                                  f"hold {len(blocks)} blocks; the checkpoint is damaged: restore a good copy")
+    with torch.device("meta"):
+        skeleton = build_model(ckpt.get("model_type", "gpt"), dict(model_args))
+    _check_fits(skeleton.state_dict(), ckpt["model"], source)
+
+
+def check_finite_weights(state_dict: dict, source) -> None:
+    """CheckpointError naming the first tensor holding NaN or inf (sampling from it gives garbage or fails)."""
+    for name, tensor in state_dict.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source} holds NaN/inf weights (first in {name}): the run diverged before it "
+                                  "was saved; use an earlier checkpoint of it (ckpt-<iter>.pt) or retrain")
+
+
+# ----------------------------------------------------------------------------- sizes
+
+def device_memory_bytes(device) -> int | None:
+    """Total memory of the device training runs on (RAM for the CPU), or None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def check_training_fits(model_args: dict, batch_size: int, device) -> None:
+    """A UserError, before anything is allocated, when the model
+    (weights, gradients and AdamW's two states: 16 bytes a parameter) or one micro-batch's logits and
+    activations cannot fit the device's whole memory, however the rest is arranged. Catches absurd
+    sizes (a typo, an edited checkpoint), not tight ones."""
+    memory = device_memory_bytes(device)
+    if memory is None:
+        return
+    n_layer, n_embd = int(model_args.get("n_layer", 0)), int(model_args.get("n_embd", 0))
+    vocab, block = int(model_args.get("vocab_size", 0)), int(model_args.get("block_size", 0))
+    params = n_layer * 12 * n_embd ** 2 + (vocab + block) * n_embd
+    gib = 1 << 30
+    if params * 16 > memory:
+        raise UserError(f"a model with n_layer={n_layer}, n_embd={n_embd}, vocab_size={vocab} has ~{params / 1e9:,.1f}B "
+                        f"parameters and needs ~{params * 16 / gib:,.0f} GiB to train, more than the "
+                        f"{memory / gib:,.0f} GiB of {device}: choose a smaller model")
+    batch = batch_size * block * (vocab * 4 * 2 + n_layer * n_embd * 16)
+    if batch > memory:
+        raise UserError(f"batch_size={batch_size} x block_size={block} needs ~{batch / gib:,.0f} GiB for one "
+                        f"micro-batch, more than the {memory / gib:,.0f} GiB of {device}: lower batch_size (raise "
+                        "gradient_accumulation_steps to keep the tokens per step)")
 
 
 # ----------------------------------------------------------------------------- random state
