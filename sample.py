@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from configurator import MAX_SEED, ConfigError, check_types, load_config
 from forge.distributed import resolve_device
@@ -170,7 +171,7 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out = sys.stdout
-    for _ in range(cfg.num_samples):
+    for i in range(cfg.num_samples):
         new_tokens = generate_tokens(loaded.model, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                      cfg.top_p, generator, device, stop_token, autocast(device, dtype))
         if stream:
@@ -183,9 +184,11 @@ def main(argv: list[str]) -> None:
                     out.write(piece)
                     out.flush()
             out.write(decoder.flush())
-        else:
+        else:  # printed whole at the end: a progress bar on stderr meanwhile (after 2 s, so short runs stay quiet)
             decoder = IncrementalDecoder(tokenizer)
-            out.write(prompt_text + "".join(decoder.push(t) for t in new_tokens) + decoder.flush())
+            progress = tqdm(new_tokens, total=cfg.max_new_tokens, desc=f"sample {i + 1}/{cfg.num_samples}",
+                            unit="tok", file=sys.stderr, delay=2.0, leave=False, dynamic_ncols=True)
+            out.write(prompt_text + "".join(decoder.push(t) for t in progress) + decoder.flush())
         out.write(f"\n{SEPARATOR}\n")
         out.flush()
 

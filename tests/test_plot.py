@@ -81,3 +81,17 @@ def test_missing_matplotlib_says_what_to_install(tmp_path):
     proc = run_py("-m", "forge.plot", run, env={"PYTHONPATH": str(blocker.parent)})
     assert_clean_error(proc, "pip install -e '.[plot]'")
     assert not (run / "metrics.png").exists()
+
+
+def test_tokens_per_iter_reads_old_runs_config_json_but_never_a_hugging_face_one(tmp_path):
+    from forge.plot import tokens_per_iter_from_config
+
+    config = {"batch_size": 4, "block_size": 8, "gradient_accumulation_steps": 2}
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"git_commit": "abc", "config": config}))
+    assert tokens_per_iter_from_config(old) == 64
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", **config}))
+    assert tokens_per_iter_from_config(hf) is None
