@@ -39,7 +39,7 @@ class ConfigError(UserError):
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"  # where ckpt.pt, config.json and metrics.jsonl are written
+    out_dir: str = "out"  # where ckpt.pt, train_config.json and metrics.jsonl are written (one run at a time)
     eval_interval: int = 2000  # evaluate (and maybe checkpoint) every this many iterations
     log_interval: int = 1  # print and record a training line every this many iterations
     eval_iters: int = 200  # batches per split for each evaluation

@@ -114,10 +114,6 @@ def write_bytes_atomic(path, data: bytes) -> None:
 
 # ----------------------------------------------------------------------------- one writer per folder
 
-class FolderInUseError(UserError):
-    """Another live process writes this folder (a second training run or preparation)."""
-
-
 class FolderLock:
     """An exclusive lock on `folder` held by this process until release() or its death.
 
@@ -160,7 +156,7 @@ class FolderLock:
                 owner = _read_owner(fd)
                 os.close(fd)
                 self._undo_mkdir()
-                raise FolderInUseError(f"{self.folder} is in use by another {owner or 'process'}: only one process "
+                raise UserError(f"{self.folder} is in use by another {owner or 'process'}: only one process "
                                        f"may write a folder at a time; wait for it to finish, or choose another "
                                        f"folder for this {self.role}") from None
             except OSError as exc:
@@ -216,22 +212,18 @@ def _read_owner(fd: int) -> str:
 
 
 def lock_folder(folder, role: str) -> FolderLock:
-    """FolderLock(folder, role), acquired: FolderInUseError if another live process holds it."""
+    """FolderLock(folder, role), acquired: a UserError if another live process holds it."""
     return FolderLock(folder, role).acquire()
 
 
 # ----------------------------------------------------------------------------- downloads
 
-class DownloadError(UserError):
-    """A download that failed after its retries, or arrived damaged; nothing was written."""
-
-
 def download(url: str, path, *, sha256: str | None = None, size: int | None = None, hint: str = "",
-             error: type = DownloadError, retries: int = 3, backoff_s: float = 2.0, timeout_s: float = 60.0,
+             error: type = UserError, retries: int = 3, backoff_s: float = 2.0, timeout_s: float = 60.0,
              progress: bool = True) -> Path:
     """Fetch url to `path` atomically. The length is checked against `size` or the Content-Length, the
     SHA-256 against `sha256` when given; a network failure or a short read is retried `retries` times
-    with exponential backoff. `error` (DownloadError unless the caller's domain has its own; the message
+    with exponential backoff. `error` (the caller's UserError class; the message
     ends with `hint`, what to do instead) if it never succeeds; a damaged download is not retried. Nothing is written unless the whole file is good."""
     path = Path(path)
     try:

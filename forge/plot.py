@@ -20,10 +20,6 @@ from forge.io import atomic_write, os_reason
 from forge.metrics import CONFIG_NAME, read_metrics
 
 
-class PlotError(UserError):
-    """A run folder or option the plot cannot use."""
-
-
 @dataclass
 class Run:
     """The series of one run, each a list of (iteration, value) pairs sorted by iteration."""
@@ -66,13 +62,13 @@ def tokens_per_iter_from_config(run_dir: Path) -> int | None:
 
 
 def load_run(run_dir: str | Path, label: str) -> Run:
-    """Read one run folder; a missing folder, missing or empty metrics.jsonl is a PlotError."""
+    """Read one run folder; a missing folder, missing or empty metrics.jsonl is a UserError."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise PlotError(f"run folder {run_dir} does not exist; pass the out_dir of a training run")
+        raise UserError(f"run folder {run_dir} does not exist; pass the out_dir of a training run")
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise PlotError(f"{path} not found; train with this out_dir first (train.py writes metrics.jsonl on rank 0)")
+        raise UserError(f"{path} not found; train with this out_dir first (train.py writes metrics.jsonl on rank 0)")
     records = read_metrics(path)
     run = Run(
         label=label,
@@ -86,7 +82,7 @@ def load_run(run_dir: str | Path, label: str) -> Run:
         hellaswag=_series(records, "hellaswag_acc_norm"),
     )
     if not (run.loss or run.val_loss):
-        raise PlotError(f"{path} has no loss records yet; plot again after the first log_interval")
+        raise UserError(f"{path} has no loss records yet; plot again after the first log_interval")
     return run
 
 
@@ -94,7 +90,7 @@ def _import_pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise PlotError("plotting needs matplotlib: pip install -e '.[plot]'") from None
+        raise UserError("plotting needs matplotlib: pip install -e '.[plot]'") from None
     matplotlib.use("Agg")  # files only, no display needed (servers, CI)
     import matplotlib.pyplot as plt
 
@@ -113,7 +109,7 @@ def plot_runs(runs: list[Run], out_path: str | Path, x_axis: str = "iter") -> Pa
     if x_axis == "tokens":
         missing = [run.label for run in runs if run.tokens_per_iter is None]
         if missing:
-            raise PlotError(f"--x=tokens needs train_config.json (batch_size, block_size, gradient_accumulation_steps) in: {', '.join(missing)}")
+            raise UserError(f"--x=tokens needs train_config.json (batch_size, block_size, gradient_accumulation_steps) in: {', '.join(missing)}")
 
     def xs(run, series):
         scale = run.tokens_per_iter if x_axis == "tokens" else 1
@@ -173,11 +169,11 @@ def plot_runs(runs: list[Run], out_path: str | Path, x_axis: str = "iter") -> Pa
 
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
-        raise PlotError(f"cannot write {out_path}: folder {out_path.parent} does not exist")
+        raise UserError(f"cannot write {out_path}: folder {out_path.parent} does not exist")
     try:  # atomic: a reader never sees half a PNG
         atomic_write(out_path, lambda f: fig.savefig(f, dpi=110, format="png"))
     except OSError as exc:
-        raise PlotError(f"cannot write {out_path}: {os_reason(exc)}") from None
+        raise UserError(f"cannot write {out_path}: {os_reason(exc)}") from None
     finally:
         plt.close(fig)
     return out_path
@@ -199,7 +195,7 @@ def main(argv: list[str]) -> None:
     if args.labels is not None:
         labels = args.labels.split(",")
         if len(labels) != len(args.out_dirs):
-            raise PlotError(f"--labels has {len(labels)} names for {len(args.out_dirs)} run folders; give one per folder")
+            raise UserError(f"--labels has {len(labels)} names for {len(args.out_dirs)} run folders; give one per folder")
     runs = [load_run(d, label) for d, label in zip(args.out_dirs, labels)]
     out = args.out or (Path(args.out_dirs[0]) / "metrics.png" if len(runs) == 1 else Path("compare.png"))
     path = plot_runs(runs, out, x_axis=args.x)

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 import forge.io
-from forge.io import LOCK_NAME, FolderInUseError, FolderLock
+from forge.errors import UserError
+from forge.io import LOCK_NAME, FolderLock
 from tests.conftest import make_char_dataset
 from tests.reliability.conftest import cli, wait_for
 from tests.util import REPO, assert_clean_error, snapshot
@@ -97,16 +98,16 @@ def test_lock_in_process(tmp_path):
     folder = tmp_path / "a" / "b"
     with FolderLock(folder, "training run"):
         assert (folder / LOCK_NAME).read_text().startswith("training run (pid ")
-        with pytest.raises(FolderInUseError, match="in use by another training run"):
+        with pytest.raises(UserError, match="in use by another training run"):
             FolderLock(folder, "training run").acquire()
     assert not (tmp_path / "a").exists()
     with FolderLock(folder, "training run"):
         (folder / "ckpt.pt").write_bytes(b"x")
     assert sorted(p.name for p in folder.iterdir()) == ["ckpt.pt"]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(forge.io.UserError, match="is a file, not a folder"):
+    with pytest.raises(UserError, match="is a file, not a folder"):
         FolderLock(tmp_path / "file", "training run").acquire()
-    with pytest.raises(forge.io.UserError, match="empty path"):
+    with pytest.raises(UserError, match="empty path"):
         FolderLock("", "training run").acquire()
 
 
