@@ -8,6 +8,7 @@ without torch).
   fsynced, renamed over `path`, then the folder fsynced: a crash at any moment leaves the old file
   or the new one, never a torn one.
 - fsync_dir(path): make a rename durable.
+- replacing_folder(dest): fill a new folder that replaces dest whole, or not at all (exports).
 - FolderLock / lock_folder(folder, role): one writer per run or data folder. fcntl.flock on a lock
   file held open for the writer's lifetime: the kernel releases it when the process dies, even by
   kill -9, so it can never be left stuck.
@@ -18,11 +19,14 @@ import errno
 import hashlib
 import http.client
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from forge.errors import UserError
@@ -110,6 +114,38 @@ def atomic_write(path, write) -> None:
 
 def write_bytes_atomic(path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
+
+
+@contextmanager
+def replacing_folder(dest):
+    """Write a whole folder or nothing: yields a new empty folder next to `dest` to fill; when the block
+    ends without error, its files are made durable and it takes dest's place (an existing dest is
+    moved aside, then removed); on an error it is removed and dest is untouched. The folder gets the
+    permissions of a plain mkdir (not mkdtemp's 0700)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.rename(dest, old / dest.name)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+        fsync_dir(dest.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- one writer per folder
