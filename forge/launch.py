@@ -146,8 +146,9 @@ def main(argv=None) -> int:
         print(f"error: {problem}", file=sys.stderr, flush=True)
         return 2
     if not args.standalone and args.nnodes != "1":
-        print(f"waiting for --nnodes={args.nnodes} to meet at {args.rdzv_endpoint or args.master_addr} "
-              "(torchrun gives up after its rendezvous join timeout, 600 s by default)", file=sys.stderr, flush=True)
+        print(f"waiting for --nnodes={args.nnodes} node(s) to meet at {args.rdzv_endpoint or args.master_addr} "
+              "(every node runs this launcher with the same --rdzv_endpoint; torchrun gives up after its "
+              "rendezvous timeouts)", file=sys.stderr, flush=True)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropReportedFailures())
     _no_restart_after_user_errors()
     if "OMP_NUM_THREADS" not in os.environ:
