@@ -58,9 +58,9 @@ def main(argv=None) -> None:
     if already_prepared(args.out_dir, args.force):
         return
 
-    splits = load_splits(args.dataset, args.num_proc)
     meta = gpt2_meta()
-    with PreparedFolder(args.out_dir, force=args.force) as folder:
+    with PreparedFolder(args.out_dir, force=args.force) as folder:  # locked first: a second run stops here
+        splits = load_splits(args.dataset, args.num_proc)
         counts = {name: tokenize_to_bin(texts(split), folder.temp(f"{name}.bin"), meta, num_proc=args.num_proc,
                                         append_eot=True, total_documents=len(split), desc=name).tokens
                   for name, split in splits.items()}
