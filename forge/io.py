@@ -193,12 +193,17 @@ class FolderLock:
                 os.close(fd)
                 self._undo_mkdir()
                 raise UserError(f"{self.folder} is in use by another {owner or 'process'}: only one process "
-                                       f"may write a folder at a time; wait for it to finish, or choose another "
-                                       f"folder for this {self.role}") from None
+                                f"may write a folder at a time; wait for it to finish, or choose another "
+                                f"folder for this {self.role}") from None
             except OSError as exc:
                 os.close(fd)
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError:
+                    pass
                 if exc.errno not in _NO_LOCKS:
-                    raise
+                    self._undo_mkdir()
+                    raise UserError(f"cannot lock the {self.role} folder {self.folder}: {os_reason(exc)}") from None
                 print(f"warning: cannot lock {self.folder} ({os_reason(exc)}): this filesystem has no file locks, "
                       f"so nothing stops a second process from writing it at the same time", file=sys.stderr,
                       flush=True)
@@ -209,9 +214,12 @@ class FolderLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{self.role} (pid {os.getpid()} on {socket.gethostname()})\n".encode())
         self._fd = fd
+        try:  # who holds it, for the refusal message of a second writer: a courtesy (a full disk may refuse it)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{self.role} (pid {os.getpid()} on {socket.gethostname()})\n".encode())
+        except OSError:
+            pass
         return self
 
     def release(self) -> None:

@@ -119,6 +119,7 @@ def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, cap
     monkeypatch.setattr(forge.io.fcntl, "flock", no_locks)
     with FolderLock(tmp_path / "run", "training run"):
         pass
+    assert not (tmp_path / "run").exists(), "nothing left behind"
     warning = capsys.readouterr().err.strip()
     assert warning.startswith("warning: cannot lock") and "No locks available" in warning
     assert len(warning.splitlines()) == 1
