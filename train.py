@@ -211,8 +211,9 @@ def model_vocab_size(meta: dict) -> int:
     return vocab_size if meta["tokenizer"] == "char" else -(-vocab_size // 64) * 64
 
 
-def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int, device="cpu"):
-    """(raw model, model_args, model_type): built from the config, rebuilt from a checkpoint, or GPT-2 weights."""
+def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int, device=None):
+    """(raw model, model_args, model_type): built from the config, rebuilt from a checkpoint, or GPT-2 weights.
+    Sizes that cannot fit `device`'s memory (None: not checked) are refused before anything is built."""
     if init == "resume":
         check_model_args(ckpt, Path(cfg.out_dir) / "ckpt.pt")  # before anything is allocated from it
         check_checkpoint_matches(cfg, ckpt, vocab_size)

@@ -230,6 +230,8 @@ def check_finite_weights(state_dict: dict, source) -> None:
 
 def device_memory_bytes(device) -> int | None:
     """Total memory of the device training runs on (RAM for the CPU), or None when unknown."""
+    if device is None:
+        return None
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device.index or 0).total_memory
