@@ -52,7 +52,8 @@ def refuse_orphaned_checkpoints(out_dir, init_from: str) -> None:
     numbered = [] if has_checkpoint(out_dir) else numbered_checkpoints(out_dir)
     if numbered:
         ckpt = Path(out_dir) / CKPT_NAME
-        raise CheckpointError(f"{out_dir} has no {CKPT_NAME} but holds numbered checkpoints (latest {numbered[-1].name}): "
+        raise CheckpointError(f"{out_dir} has no {CKPT_NAME} but holds numbered checkpoints "
+                              f"(latest {numbered[-1].name}): "
                               f"init_from={init_from} would not continue them; resume from one with "
                               f"`cp {numbered[-1]} {ckpt}` and --init_from=resume, or choose another --out_dir")
 

@@ -268,7 +268,8 @@ def download(url: str, path, *, sha256: str | None = None, size: int | None = No
     """Fetch url to `path` atomically. The length is checked against `size` or the Content-Length, the
     SHA-256 against `sha256` when given; a network failure or a short read is retried `retries` times
     with exponential backoff. `error` (the caller's UserError class; the message
-    ends with `hint`, what to do instead) if it never succeeds; a damaged download is not retried. Nothing is written unless the whole file is good."""
+    ends with `hint`, what to do instead) if it never succeeds; a damaged download is not retried.
+    Nothing is written unless the whole file is good."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
