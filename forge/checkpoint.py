@@ -9,11 +9,13 @@ never run code when it is opened.
 Writes go to a temporary file in the same folder, are fsync'ed, then renamed over ckpt.pt (and the
 folder fsync'ed): a crash at any moment leaves the old checkpoint or the new one, never a torn one.
 """
+import json
 import os
 import pickle
 import random
 import re
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -28,6 +30,7 @@ PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP in older 
 # Causal-mask buffers that nanoGPT saved before torch 2.0 had flash attention: not weights, dropped on load.
 LEGACY_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
 NUMBERED = re.compile(r"ckpt-(\d+)\.pt")  # the copies keep_last writes: ckpt-<iter>.pt
+KEPT_LIST = ".keep_last.json"  # the numbered copies keep_last wrote in this folder: the only ones it deletes
 
 
 class CheckpointError(UserError):
@@ -80,20 +83,48 @@ def save_checkpoint(out_dir, state: dict, keep_last: int = 0) -> Path:
 
 
 def _keep_numbered_copy(out_dir: Path, path: Path, iter_num: int, keep_last: int) -> None:
+    """ckpt-<iter>.pt beside ckpt.pt, then the oldest copies beyond keep_last removed: only copies listed in
+    the folder's KEPT_LIST, which names every copy before it is made, so a kill at any moment leaves no
+    copy unlisted, and a user's own files (ckpt-best.pt, or a ckpt-<n>.pt it did not write) stay."""
     numbered = out_dir / f"ckpt-{iter_num}.pt"
-    numbered.unlink(missing_ok=True)
+    ours = _kept_copies(out_dir)
+    if numbered.exists() and numbered.name not in ours:
+        print(f"warning: {numbered} was not written by keep_last: left as it is, no numbered copy of this "
+              "checkpoint", file=sys.stderr, flush=True)
+    else:
+        ours = sorted({*ours, numbered.name}, key=_numbered_iter)
+        _write_kept_copies(out_dir, ours)
+        numbered.unlink(missing_ok=True)
+        try:
+            os.link(path, numbered)  # same bytes, no copy: a later ckpt.pt replaces the name, not this file
+        except OSError:
+            with open(path, "rb") as src:
+                atomic_write(numbered, lambda f: shutil.copyfileobj(src, f, 1 << 24))
+    for old in ours[:-keep_last]:
+        (out_dir / old).unlink(missing_ok=True)
+    _write_kept_copies(out_dir, ours[-keep_last:])
+
+
+def _numbered_iter(name: str) -> int:
+    return int(NUMBERED.fullmatch(name).group(1))
+
+
+def _kept_copies(out_dir: Path) -> list:
+    """The ckpt-<iter>.pt names keep_last wrote in out_dir, oldest first ([] before its first copy)."""
     try:
-        os.link(path, numbered)  # same bytes, no copy: a later ckpt.pt replaces the name, not this file
-    except OSError:
-        with open(path, "rb") as src:
-            atomic_write(numbered, lambda f: shutil.copyfileobj(src, f, 1 << 24))
-    for old in numbered_checkpoints(out_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+        names = json.loads((out_dir / KEPT_LIST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    names = [n for n in names if isinstance(n, str) and NUMBERED.fullmatch(n)] if isinstance(names, list) else []
+    return sorted(set(names), key=_numbered_iter)
+
+
+def _write_kept_copies(out_dir: Path, names: list) -> None:
+    atomic_write(out_dir / KEPT_LIST, lambda f: f.write(json.dumps(names).encode("utf-8")))
 
 
 def numbered_checkpoints(out_dir) -> list:
-    """The ckpt-<iter>.pt files keep_last writes, oldest first. Only exactly that name: a user's
-    ckpt-best.pt or ckpt-final.pt is not one of them and is never touched."""
+    """The ckpt-<iter>.pt files in out_dir, oldest first (only exactly that name: ckpt-best.pt is not one)."""
     found = [(int(m.group(1)), p) for p in Path(out_dir).glob("ckpt-*.pt") if (m := NUMBERED.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
