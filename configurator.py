@@ -29,6 +29,9 @@ from typing import Literal
 from forge.errors import UserError
 
 
+MAX_SEED = 2**31 - 1  # seed + rank and seed + the evaluation offset stay within numpy's 32-bit seeds
+
+
 class ConfigError(UserError):
     """A config file or override the user can fix: unknown key, wrong type, bad value, missing file."""
 
@@ -36,7 +39,7 @@ class ConfigError(UserError):
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"  # where ckpt.pt, config.json and metrics.jsonl are written
+    out_dir: str = "out"  # where ckpt.pt, train_config.json and metrics.jsonl are written (one run at a time)
     eval_interval: int = 2000  # evaluate (and maybe checkpoint) every this many iterations
     log_interval: int = 1  # print and record a training line every this many iterations
     eval_iters: int = 200  # batches per split for each evaluation
@@ -114,6 +117,17 @@ class TrainConfig:
                      "hellaswag_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir is empty: name the run's folder, e.g. --out_dir=out")
+        if self.seed > MAX_SEED:
+            raise ConfigError(f"seed={self.seed} is too large: use 0..{MAX_SEED} (numpy takes 32-bit seeds, and "
+                              "each rank and the evaluation batches add an offset to it)")
+        if self.decay_lr and self.min_lr > self.learning_rate:
+            raise ConfigError(f"min_lr={self.min_lr} is above learning_rate={self.learning_rate}: the schedule would "
+                              "rise during its decay; set min_lr <= learning_rate (nanoGPT: learning_rate / 10)")
+        if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
+            raise ConfigError(f"warmup_iters={self.warmup_iters} is past lr_decay_iters={self.lr_decay_iters}: the "
+                              "warmup must end before the decay does; lower warmup_iters or raise lr_decay_iters")
         if self.dist_timeout_s <= 0:
             raise ConfigError(f"dist_timeout_s={self.dist_timeout_s} must be a positive number of seconds")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
-from configurator import ConfigError, check_types, load_config
+from configurator import MAX_SEED, ConfigError, check_types, load_config
 from forge.distributed import resolve_device
 from forge.errors import UserError, run_main
 from forge.inference import load_for_inference
@@ -55,6 +56,8 @@ class SampleConfig:
             raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 = no limit)")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1] (1.0 = no limit)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed={self.seed} must be in 0..{MAX_SEED}")
 
 
 class PromptError(UserError):
@@ -173,7 +176,7 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out = sys.stdout
-    for _ in range(cfg.num_samples):
+    for i in range(cfg.num_samples):
         new_tokens = generate_tokens(loaded.model, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                      cfg.top_p, generator, device, stop_token, autocast(device, dtype),
                                      tokenizer.vocab_size)
@@ -187,9 +190,11 @@ def main(argv: list[str]) -> None:
                     out.write(piece)
                     out.flush()
             out.write(decoder.flush())
-        else:
+        else:  # printed whole at the end: a progress bar on stderr meanwhile (after 2 s, so short runs stay quiet)
             decoder = IncrementalDecoder(tokenizer)
-            out.write(prompt_text + "".join(decoder.push(t) for t in new_tokens) + decoder.flush())
+            progress = tqdm(new_tokens, total=cfg.max_new_tokens, desc=f"sample {i + 1}/{cfg.num_samples}",
+                            unit="tok", file=sys.stderr, delay=2.0, leave=False, dynamic_ncols=True)
+            out.write(prompt_text + "".join(decoder.push(t) for t in progress) + decoder.flush())
         out.write(f"\n{SEPARATOR}\n")
         out.flush()
 

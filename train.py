@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from configurator import ConfigError, TrainConfig, config_dict, load_config
-from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, load_model_weights, model_args_of,
+from forge.checkpoint import (CheckpointError, check_model_args, check_training_fits, has_checkpoint,
+                              load_checkpoint, load_model_weights, model_args_of, refuse_orphaned_checkpoints,
                               restore_training_state, save_training_state)
 from forge.cpu import retain_freed_memory
 from forge.data import TokenBatches, load_meta
@@ -28,6 +29,7 @@ from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync
 from forge.errors import is_rank_zero, run_main
 from forge.flops import device_peak_flops
 from forge.hellaswag import HellaSwagTask
+from forge.io import lock_folder
 from forge.metrics import MetricsLog, NonFiniteLossError
 from forge.optim import build_optimizer
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
@@ -44,8 +46,10 @@ def main(cfg: TrainConfig) -> None:
                             timeout_s=cfg.dist_timeout_s)
     log = MetricsLog(cfg.out_dir, enabled=dist.is_main)
     stop = StopRequest()
-    loaders = []
+    loaders, lock = [], None
     try:
+        # one writer per run folder while it lives (the kernel drops the lock if it dies): a second run is refused
+        lock = lock_folder(cfg.out_dir, "training run") if dist.is_main and not cfg.eval_only else None
         grad_accum = accumulation_per_rank(cfg.gradient_accumulation_steps, dist.world_size)
         tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
         dtype = resolve_dtype(cfg.dtype, dist.device)
@@ -78,7 +82,7 @@ def main(cfg: TrainConfig) -> None:
             if cfg.eval_hellaswag_interval else None
 
         # -------------------------------------------------------------------- model
-        model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta), meta)
+        model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta), meta, dist.device)
         model.to(dist.device)
         seed_everything(cfg.seed + dist.rank)  # from here on (dropout) every rank draws its own stream
         scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
@@ -162,6 +166,8 @@ def main(cfg: TrainConfig) -> None:
         log.close()
         stop.restore()
         destroy()
+        if lock is not None:
+            lock.release()
 
 
 # ------------------------------------------------------------------------ the pieces of main
@@ -184,6 +190,8 @@ def seed_everything(seed: int) -> None:
 def resolve_init(init_from: str, out_dir: str, eval_only: bool = False):
     """('scratch' | 'resume' | pretrained name or dir, checkpoint dict or None); never plans to overwrite a run."""
     exists = has_checkpoint(out_dir)
+    if not eval_only:
+        refuse_orphaned_checkpoints(out_dir, init_from)
     if init_from == "auto" or (exists and restart_count() > 0):  # torchrun or SLURM restarted us: continue the run
         init_from = "resume" if exists else "scratch"
     if init_from == "resume":
@@ -235,22 +243,26 @@ def model_vocab_size(meta: dict) -> int:
     return vocab_size if meta["tokenizer"] == "char" else -(-vocab_size // 64) * 64
 
 
-def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int, meta: dict | None = None):
+def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int, meta: dict | None = None, device=None):
     """(raw model, model_args, model_type): built from the config, rebuilt from a checkpoint, or GPT-2 weights.
 
     vocab_size: a scratch model's rows (model_vocab_size); meta: the dataset's tokenizer, which a checkpoint
-    or GPT-2 must match (None: no dataset to check, e.g. bench.py's random tokens).
+    or GPT-2 must match (None: no dataset to check, e.g. bench.py's random tokens). Sizes that cannot fit
+    `device`'s memory (None: not checked) are refused before anything is built.
     """
     if init == "resume":
+        check_model_args(ckpt, Path(cfg.out_dir) / "ckpt.pt")  # before anything is allocated from it
         check_checkpoint_matches(cfg, ckpt, meta)
         model_args, model_type = model_args_of(ckpt), ckpt["model_type"]
         model_args["dropout"] = cfg.dropout  # not a shape: the config's value applies to the rest of the run
+        check_training_fits(model_args, cfg.batch_size, device)
         model = build_model(model_type, model_args)
         load_model_weights(model, ckpt["model"], Path(cfg.out_dir) / "ckpt.pt")
         return model, model_args, model_type
     if init == "scratch":
         names = {f.name for f in dataclasses.fields(GPTConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
         model_args = {name: getattr(cfg, name) for name in sorted(names)} | {"vocab_size": vocab_size}
+        check_training_fits(model_args, cfg.batch_size, device)  # absurd sizes: one line, not an OOM
         return build_model(cfg.model_type, model_args), model_args, cfg.model_type
     if cfg.model_type != "gpt":
         raise ConfigError(f"init_from={init} loads a GPT-2; model_type={cfg.model_type!r} cannot be fine-tuned from it")

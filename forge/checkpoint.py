@@ -10,10 +10,13 @@ never run code when it is opened.
 Writes go to a temporary file in the same folder, are fsync'ed, then renamed over ckpt.pt (and the
 folder fsync'ed): a crash at any moment leaves the old checkpoint or the new one, never a torn one.
 """
+import json
 import os
 import pickle
 import random
 import re
+import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from forge.errors import UserError
+from forge.io import atomic_write, first_line, os_reason
 
 CKPT_NAME = "ckpt.pt"
 NANOGPT_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # its GPTConfig
@@ -28,51 +32,15 @@ GPT2_MLPS = ("gelu", "gelu_exact")  # GPT-2's tanh GELU and nanoGPT's erf GELU: 
 PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DDP in older nanoGPT checkpoints
 # Causal-mask buffers that nanoGPT saved before torch 2.0 had flash attention: not weights, dropped on load.
 LEGACY_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
+NUMBERED = re.compile(r"ckpt-(\d+)\.pt")  # the copies keep_last writes: ckpt-<iter>.pt
+KEPT_LIST = ".keep_last.json"  # the numbered copies keep_last wrote in this folder: the only ones it deletes
 
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, foreign or does not fit the configured model."""
 
 
-# ----------------------------------------------------------------------------- atomic files
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write) -> None:
-    """Create or replace `path` with what write(binary_file) writes: all of it or nothing.
-
-    OSError (disk full, read-only or unwritable folder) propagates after the temporary file is
-    removed, and the previous `path` is untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    for stale in path.parent.glob(f".{path.name}.tmp.*"):  # left by a writer that was killed: reclaim the space
-        try:
-            stale.unlink()
-        except OSError:
-            pass
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
+# ----------------------------------------------------------------------------- saving
 
 def checkpoint_path(out_dir_or_path) -> Path:
     """out_dir/ckpt.pt for a run folder, the path itself for a checkpoint file (*.pt, e.g. ckpt-2000.pt)."""
@@ -82,6 +50,18 @@ def checkpoint_path(out_dir_or_path) -> Path:
 
 def has_checkpoint(out_dir) -> bool:
     return (Path(out_dir) / CKPT_NAME).is_file()
+
+
+def refuse_orphaned_checkpoints(out_dir, init_from: str) -> None:
+    """A run folder whose ckpt.pt is gone but whose numbered checkpoints remain is not started over (its
+    keep_last would delete them): CheckpointError saying how to resume from the latest."""
+    numbered = [] if has_checkpoint(out_dir) else numbered_checkpoints(out_dir)
+    if numbered:
+        ckpt = Path(out_dir) / CKPT_NAME
+        raise CheckpointError(f"{out_dir} has no {CKPT_NAME} but holds numbered checkpoints "
+                              f"(latest {numbered[-1].name}): "
+                              f"init_from={init_from} would not continue them; resume from one with "
+                              f"`cp {numbered[-1]} {ckpt}` and --init_from=resume, or choose another --out_dir")
 
 
 def save_checkpoint(out_dir, state: dict, keep_last: int = 0) -> Path:
@@ -98,7 +78,7 @@ def save_checkpoint(out_dir, state: dict, keep_last: int = 0) -> Path:
         os_error = exc if isinstance(exc, OSError) else exc.__context__
         if not isinstance(os_error, OSError):
             raise
-        reason = os_error.strerror or str(os_error)
+        reason = os_reason(os_error)
         previous = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
         raise CheckpointError(f"cannot save the checkpoint in {out_dir}: {reason}; {previous}. "
                               "Free disk space or choose a writable out_dir") from None
@@ -106,25 +86,62 @@ def save_checkpoint(out_dir, state: dict, keep_last: int = 0) -> Path:
 
 
 def _keep_numbered_copy(out_dir: Path, path: Path, iter_num: int, keep_last: int) -> None:
+    """ckpt-<iter>.pt beside ckpt.pt, then the oldest copies beyond keep_last removed: only copies listed in
+    the folder's KEPT_LIST, which names every copy before it is made, so a kill at any moment leaves no
+    copy unlisted, and a user's own files (ckpt-best.pt, or a ckpt-<n>.pt it did not write) stay."""
     numbered = out_dir / f"ckpt-{iter_num}.pt"
-    numbered.unlink(missing_ok=True)
-    try:
-        os.link(path, numbered)  # same bytes, no copy: a later ckpt.pt replaces the name, not this file
-    except OSError:
-        atomic_write(numbered, lambda f: f.write(path.read_bytes()))
-    history = sorted(out_dir.glob("ckpt-*.pt"), key=lambda p: _numbered_iter(p))
-    for old in history[:-keep_last]:
-        old.unlink(missing_ok=True)
+    ours = _kept_copies(out_dir)
+    if numbered.exists() and numbered.name not in ours:
+        print(f"warning: {numbered} was not written by keep_last: left as it is, no numbered copy of this "
+              "checkpoint", file=sys.stderr, flush=True)
+    else:
+        ours = sorted({*ours, numbered.name}, key=_numbered_iter)
+        _write_kept_copies(out_dir, ours)
+        numbered.unlink(missing_ok=True)
+        try:
+            os.link(path, numbered)  # same bytes, no copy: a later ckpt.pt replaces the name, not this file
+        except OSError:
+            with open(path, "rb") as src:
+                atomic_write(numbered, lambda f: shutil.copyfileobj(src, f, 1 << 24))
+    for old in ours[:-keep_last]:
+        (out_dir / old).unlink(missing_ok=True)
+    _write_kept_copies(out_dir, ours[-keep_last:])
 
 
-def _numbered_iter(path: Path) -> int:
+def _numbered_iter(name: str) -> int:
+    return int(NUMBERED.fullmatch(name).group(1))
+
+
+def _kept_copies(out_dir: Path) -> list:
+    """The ckpt-<iter>.pt names keep_last wrote in out_dir, oldest first ([] before its first copy)."""
     try:
-        return int(path.stem.split("-", 1)[1])
-    except ValueError:
-        return -1
+        names = json.loads((out_dir / KEPT_LIST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    names = [n for n in names if isinstance(n, str) and NUMBERED.fullmatch(n)] if isinstance(names, list) else []
+    return sorted(set(names), key=_numbered_iter)
+
+
+def _write_kept_copies(out_dir: Path, names: list) -> None:
+    atomic_write(out_dir / KEPT_LIST, lambda f: f.write(json.dumps(names).encode("utf-8")))
+
+
+def numbered_checkpoints(out_dir) -> list:
+    """The ckpt-<iter>.pt files in out_dir, oldest first (only exactly that name: ckpt-best.pt is not one)."""
+    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("ckpt-*.pt") if (m := NUMBERED.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 # ----------------------------------------------------------------------------- loading
+
+def _recovery_hint(path: Path) -> str:
+    """What to do about an unreadable checkpoint: restore a copy, never delete (it may be recoverable)."""
+    numbered = [p for p in numbered_checkpoints(path.parent) if p.resolve() != path.resolve()]
+    if numbered:
+        return (f"move it aside rather than deleting it, then resume from the run's latest numbered checkpoint: "
+                f"cp {numbered[-1]} {path.parent / CKPT_NAME}")
+    return "keep it (do not delete it) and restore a good copy from a backup or from the machine that wrote it"
+
 
 def strip_prefixes(state_dict: dict) -> dict:
     """Parameter names without `_orig_mod.` / `module.` prefixes, and without the causal-mask buffers
@@ -153,7 +170,7 @@ def load_checkpoint(out_dir_or_path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train one first (init_from=scratch) or check out_dir")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (an interrupted copy?); delete it or restore a good copy")
+        raise CheckpointError(f"checkpoint {path} is empty (an interrupted copy?); {_recovery_hint(path)}")
     # Memory-map the tensors instead of reading them in: each of a node's ranks would otherwise hold its own
     # copy of the whole checkpoint (8 x ~19 GB for GPT-2 1.5B with AdamW); mapped, they share the page cache.
     # Only for the zip format (torch >= 1.6) and on POSIX (Windows cannot replace a mapped file on save).
@@ -167,10 +184,10 @@ def load_checkpoint(out_dir_or_path) -> dict:
                                   "when loaded (checkpoints hold only tensors and plain values); it is not a gptforge "
                                   "checkpoint, or it comes from an untrusted source") from None
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a valid checkpoint file); "
-                              "delete it or restore a good copy") from None
+                              f"{_recovery_hint(path)}") from None
     except Exception as exc:  # zip errors, EOF, bad magic: truncated or not a checkpoint at all
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_first_line(exc)}); "
-                              "delete it or restore a good copy") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first_line(exc)}); "
+                              f"{_recovery_hint(path)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} is not a training checkpoint (no 'model' state dict); "
                               "point to a ckpt.pt written by train.py")
@@ -179,14 +196,13 @@ def load_checkpoint(out_dir_or_path) -> dict:
     return ckpt
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-
-
 def load_model_weights(model: torch.nn.Module, state_dict: dict, source) -> None:
     """load_state_dict, turning a shape or key mismatch into a CheckpointError that names the culprit."""
-    own = model.state_dict()
+    _check_fits(model.state_dict(), state_dict, source)
+    model.load_state_dict(state_dict)
+
+
+def _check_fits(own: dict, state_dict: dict, source) -> None:
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
@@ -197,7 +213,6 @@ def load_model_weights(model: torch.nn.Module, state_dict: dict, source) -> None
         raise CheckpointError(f"checkpoint {source} does not fit the model ({details[0]}; {len(missing)} missing, "
                               f"{len(unexpected)} unexpected, {len(mismatched)} mismatched tensors): "
                               "use the model settings it was trained with")
-    model.load_state_dict(state_dict)
 
 
 def checkpoint_model_args(model_args: dict, model_type: str = "gpt") -> dict:
@@ -231,18 +246,89 @@ def model_args_of(ckpt: dict) -> dict:
 
 
 def load_model(out_dir, device="cpu"):
-    """(model in eval mode on `device`, checkpoint dict) for sample.py and evaluate.py."""
+    """(model in eval mode on `device`, checkpoint dict) for sample.py and evaluate.py. The checkpoint's
+    shapes are checked before anything is allocated, and NaN/inf weights are refused."""
     from model import build_model
 
     ckpt = load_checkpoint(out_dir)
-    model_args = ckpt.get("model_args")
-    if not isinstance(model_args, dict):
-        raise CheckpointError(f"{checkpoint_path(out_dir)} has no model_args; it cannot be rebuilt into a model")
+    source = checkpoint_path(out_dir)
+    check_model_args(ckpt, source)
+    check_finite_weights(ckpt["model"], source)
     model = build_model(ckpt["model_type"], model_args_of(ckpt))
-    load_model_weights(model, ckpt["model"], checkpoint_path(out_dir))
+    load_model_weights(model, ckpt["model"], source)
     model.to(device)
     model.eval()
     return model, ckpt
+
+
+def check_model_args(ckpt: dict, source) -> None:
+    """The checkpoint has model_args, and the model they describe has exactly the shapes of its tensors.
+
+    Checked on the meta device (no memory), after the number of blocks is compared with the tensors:
+    an edited or damaged model_args (n_embd=10**6, n_layer=10**9) is a CheckpointError, never a model
+    of terabytes being allocated."""
+    from model import build_model
+
+    model_args = ckpt.get("model_args")
+    if not isinstance(model_args, dict):
+        raise CheckpointError(f"{source} has no model_args (the model's shape): it was not written by a training run "
+                              "of this project or nanoGPT and cannot be rebuilt into a model")
+    if ckpt.get("model_type", "gpt") == "gpt":
+        blocks = {int(m.group(1)) for key in ckpt["model"] if (m := re.match(r"transformer\.h\.(\d+)\.", key))}
+        if model_args.get("n_layer") != len(blocks):
+            raise CheckpointError(f"{source}: model_args says n_layer={model_args.get('n_layer')!r} but its weights "
+                                  f"hold {len(blocks)} blocks; the checkpoint is damaged: restore a good copy")
+    with torch.device("meta"):
+        skeleton = build_model(ckpt.get("model_type", "gpt"), model_args_of(ckpt))
+    _check_fits(skeleton.state_dict(), ckpt["model"], source)
+
+
+def check_finite_weights(state_dict: dict, source) -> None:
+    """CheckpointError naming the first tensor holding NaN or inf (sampling from it gives garbage or fails)."""
+    for name, tensor in state_dict.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source} holds NaN/inf weights (first in {name}): the run diverged before it "
+                                  "was saved; use an earlier checkpoint of it (ckpt-<iter>.pt) or retrain")
+
+
+# ----------------------------------------------------------------------------- sizes
+
+def device_memory_bytes(device) -> int | None:
+    """Total memory of the device training runs on (RAM for the CPU), or None when unknown."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def check_training_fits(model_args: dict, batch_size: int, device) -> None:
+    """A UserError, before anything is allocated, when the model
+    (weights, gradients and AdamW's two states: 16 bytes a parameter) or one micro-batch's logits and
+    activations cannot fit the device's whole memory, however the rest is arranged. Catches absurd
+    sizes (a typo, an edited checkpoint), not tight ones."""
+    memory = device_memory_bytes(device)
+    if memory is None:
+        return
+    n_layer, n_embd = int(model_args.get("n_layer", 0)), int(model_args.get("n_embd", 0))
+    vocab, block = int(model_args.get("vocab_size", 0)), int(model_args.get("block_size", 0))
+    params = n_layer * 12 * n_embd ** 2 + (vocab + block) * n_embd
+    gib = 1 << 30
+    if params * 16 > memory:
+        raise UserError(f"a model with n_layer={n_layer}, n_embd={n_embd}, vocab_size={vocab} has ~{params / 1e9:,.1f}B "
+                        f"parameters and needs ~{params * 16 / gib:,.0f} GiB to train, more than the "
+                        f"{memory / gib:,.0f} GiB of {device}: choose a smaller model")
+    batch = batch_size * block * (vocab * 4 * 2 + n_layer * n_embd * 16)
+    if batch > memory:
+        raise UserError(f"batch_size={batch_size} x block_size={block} needs ~{batch / gib:,.0f} GiB for one "
+                        f"micro-batch, more than the {memory / gib:,.0f} GiB of {device}: lower batch_size (raise "
+                        "gradient_accumulation_steps to keep the tokens per step)")
 
 
 # ----------------------------------------------------------------------------- random state
@@ -338,7 +424,7 @@ def restore_training_state(ckpt: dict, *, model, optimizer, scaler, loader, rank
         try:
             load_full_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         except (KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({_first_line(exc)}); "
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({first_line(exc)}); "
                                   "resume with the optimizer settings it was trained with") from None
     if ckpt.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from forge.io import os_reason
 from forge.tokenize import DTYPES, GPT2_VOCAB_SIZE, DataError
 
 # nanoGPT's OpenWebText folder has no metadata: GPT-2 BPE in uint16 is what it means.
@@ -50,7 +51,7 @@ def _read_legacy_pickle(path: Path) -> dict:
             meta = _NoCodeUnpickler(f).load()
     except pickle.UnpicklingError as exc:
         raise DataError(f"{path} is not a plain nanoGPT meta.pkl ({exc}); it was not loaded because a pickle "
-                        "can run code: delete it and re-run the dataset's prepare.py to write meta.json") from None
+                        "can run code: re-run the dataset's prepare.py, whose meta.json is read instead of it") from None
     except Exception as exc:  # truncated or not a pickle at all
         raise DataError(f"{path} is unreadable ({type(exc).__name__}: {exc}); re-run the dataset's prepare.py") from None
     if not isinstance(meta, dict):
@@ -102,12 +103,15 @@ def load_meta(data_dir) -> dict:
     """The folder's metadata: meta.json, else a legacy nanoGPT meta.pkl (plain data only), else GPT-2 BPE
     in uint16. Always has vocab_size, tokenizer ('char' or 'gpt2') and dtype; char vocabularies have itos."""
     data_dir = Path(data_dir)
+    check_data_dir(data_dir)
     json_path, pkl_path = data_dir / "meta.json", data_dir / "meta.pkl"
     if json_path.is_file():
         try:
             meta = json.loads(json_path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise DataError(f"{json_path} is not valid JSON ({exc}); re-run the dataset's prepare.py") from None
+        except OSError as exc:
+            raise DataError(f"cannot read {json_path}: {os_reason(exc)}") from None
         return _validated(meta, json_path)
     if pkl_path.is_file():
         return _validated(_read_legacy_pickle(pkl_path), pkl_path)
@@ -115,6 +119,18 @@ def load_meta(data_dir) -> dict:
 
 
 # ----------------------------------------------------------------------------- bins
+
+def check_data_dir(data_dir: Path) -> None:
+    """DataError unless data_dir is a folder that does not hold an interrupted preparation."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} is a file, not a folder: point data_dir (or dataset) at the folder "
+                        "holding train.bin, val.bin and meta.json")
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist: create it with {prepare_hint(data_dir)}")
+    if not (data_dir / "meta.json").exists() and any(data_dir.glob("*.tmp")):
+        raise DataError(f"{data_dir} holds an interrupted preparation (*.tmp files, no meta.json): "
+                        f"run its prepare script again to finish it")
+
 
 def open_split(data_dir, split: str, meta: dict | None = None) -> np.memmap:
     """Memory-map `<data_dir>/<split>.bin` read-only, with the dtype from its metadata.
@@ -124,11 +140,7 @@ def open_split(data_dir, split: str, meta: dict | None = None) -> np.memmap:
     """
     data_dir = Path(data_dir)
     path = data_dir / f"{split}.bin"
-    if not data_dir.is_dir():
-        raise DataError(f"data folder {data_dir} does not exist: create it with {prepare_hint(data_dir)}")
-    if not (data_dir / "meta.json").exists() and any(data_dir.glob("*.tmp")):
-        raise DataError(f"{data_dir} holds an interrupted preparation (*.tmp files, no meta.json): "
-                        f"run its prepare script again to finish it")
+    check_data_dir(data_dir)
     if not path.is_file():
         raise DataError(f"{path} not found: create it with {prepare_hint(data_dir)}")
     meta = load_meta(data_dir) if meta is None else meta
@@ -139,7 +151,10 @@ def open_split(data_dir, split: str, meta: dict | None = None) -> np.memmap:
                         f"or meta.json has the wrong dtype; re-run the prepare script")
     if size == 0:
         raise DataError(f"{path} is empty; re-run the prepare script on a non-empty corpus")
-    return np.memmap(path, dtype=dtype, mode="r")
+    try:
+        return np.memmap(path, dtype=dtype, mode="r")
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {os_reason(exc)}") from None
 
 
 def _check_length(tokens: np.ndarray, path, block_size: int) -> None:

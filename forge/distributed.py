@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 
 from forge.errors import UserError, register_error_translator
+from forge.io import first_line
 
 DEFAULT_TIMEOUT_S = 900.0  # long enough for rank 0 to write a GPT-2 XL checkpoint while the others wait
 PARALLELISMS = ("ddp", "fsdp")
@@ -202,11 +203,10 @@ def as_collective_error(exc: BaseException, what: str = "a collective", joining:
     in_job = joining or _joined_rank is not None or _is_initialized()
     if not (isinstance(exc, tdist.DistError) or (in_job and isinstance(exc, RuntimeError) and _PEER_FAILURE.search(str(exc)))):
         return None
-    first_line = next((line for line in str(exc).strip().splitlines() if line.strip()), type(exc).__name__)
     who = f"rank {_joined_rank}" if _joined_rank is not None else f"rank {os.environ.get('RANK', '?')}"
     return CollectiveError(
         f"{who}: {what} failed after waiting up to {_timeout_s:g}s (dist_timeout_s): another rank hung or died; "
-        f"see its output above, or raise dist_timeout_s if a slow step is expected [{first_line.strip()[:200]}]",
+        f"see its output above, or raise dist_timeout_s if a slow step is expected [{first_line(exc)}]",
         timed_out=bool(_TIMED_OUT.search(str(exc))),
     )
 

@@ -18,10 +18,6 @@ Only GPT-2 BPE models can take it (the text is English with arbitrary characters
 """
 import json
 import math
-import os
-import tempfile
-import urllib.error
-import urllib.request
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +27,7 @@ import torch.nn.functional as F
 
 from forge.distributed import all_reduce_mean, broadcast_object
 from forge.errors import UserError
+from forge.io import download as io_download
 from forge.tokenize import get_tokenizer
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -52,33 +49,10 @@ def check_tokenizer(tokenizer_name: str) -> None:
 
 
 def download(url: str, path: Path) -> Path:
-    """Fetch url to path atomically (temporary file in the same folder, fsync, rename): never a torn file."""
-    from tqdm import tqdm
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {path.name}") as bar:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            if total is not None and f.tell() != total:  # read(n) returns b"" on a dropped connection
-                raise OSError(f"the connection closed after {f.tell():,} of {total:,} bytes")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (urllib.error.URLError, OSError) as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise HellaSwagError(
-            f"could not download {url} ({exc}); download it yourself and pass its path with --input "
-            "(evaluate.py) or --hellaswag_path (train.py)"
-        ) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Fetch url to path: length-checked, retried, atomic (forge.io.download)."""
+    return io_download(url, path, error=HellaSwagError,
+                       hint="download it yourself and pass its path with --input (evaluate.py) or --hellaswag_path "
+                            "(train.py)")
 
 
 def _check_example(example, where: str) -> dict:

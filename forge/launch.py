@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 
 # Exit codes of workers under forge.errors.run_main:
@@ -70,6 +71,36 @@ def _no_restart_after_user_errors() -> None:
     LocalElasticAgent._monitor_workers = monitor_workers
 
 
+def check_arguments(args) -> str | None:
+    """The first launcher option that cannot work, as an error message (None when all can): process and
+    node counts written as plain positive numbers (bash reads 08 as bad octal, 0 processes run nothing),
+    rendezvous ports in 1..65535 and a host name that resolves (an unknown host would otherwise be
+    retried until torchrun's join timeout, silently)."""
+    nproc = str(args.nproc_per_node)
+    if nproc not in ("gpu", "auto", "cpu", "xpu") and not re.fullmatch(r"[1-9][0-9]*", nproc):
+        return (f"--nproc_per_node={nproc} must be a number of processes per node (1 or more, no leading zeros), "
+                "or gpu/auto/cpu")
+    nnodes = re.fullmatch(r"([1-9][0-9]*)(?::([1-9][0-9]*))?", str(args.nnodes))
+    if not nnodes:
+        return f"--nnodes={args.nnodes} must be a number of nodes (1 or more) or MIN:MAX"
+    if nnodes.group(2) and int(nnodes.group(2)) < int(nnodes.group(1)):
+        return f"--nnodes={args.nnodes}: MIN must not exceed MAX"
+    if args.rdzv_endpoint:
+        host, _, port = args.rdzv_endpoint.rpartition(":")
+        if not host:
+            host, port = args.rdzv_endpoint, str(args.master_port or "29400")
+    else:
+        host, port = args.master_addr, str(args.master_port or "29500")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"rendezvous port {port!r} (of {args.rdzv_endpoint or '--master_port'}) must be a number in 1..65535"
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port))
+    except (socket.gaierror, UnicodeError) as exc:
+        return (f"rendezvous host {host!r} cannot be resolved ({exc.strerror or exc}): check the name in "
+                "--rdzv_endpoint (one node's host name or address, reachable from every node)")
+    return None
+
+
 def _is_cause(failure) -> bool:
     """A worker that crashed or was killed, not one that torchrun stopped (SIGTERM) or that lost its peer."""
     if failure.exitcode < 0:
@@ -110,6 +141,14 @@ def main(argv=None) -> int:
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    problem = check_arguments(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        return 2
+    if not args.standalone and args.nnodes != "1":
+        print(f"waiting for --nnodes={args.nnodes} node(s) to meet at {args.rdzv_endpoint or args.master_addr} "
+              "(every node runs this launcher with the same --rdzv_endpoint; torchrun gives up after its "
+              "rendezvous timeouts)", file=sys.stderr, flush=True)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropReportedFailures())
     _no_restart_after_user_errors()
     if "OMP_NUM_THREADS" not in os.environ:

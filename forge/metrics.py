@@ -1,4 +1,4 @@
-"""What a run reports: console lines, out_dir/metrics.jsonl, out_dir/config.json and Weights & Biases.
+"""What a run reports: console lines, out_dir/metrics.jsonl, out_dir/train_config.json and Weights & Biases.
 
 Only the writer (rank 0) prints or writes; on other ranks every method is a no-op, so the loop
 calls them unconditionally. metrics.jsonl holds one JSON object per log or eval step and survives
@@ -15,11 +15,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from forge.checkpoint import atomic_write
 from forge.errors import UserError
+from forge.io import atomic_write, first_line, os_reason
 
 METRICS_NAME = "metrics.jsonl"
-CONFIG_NAME = "config.json"
+CONFIG_NAME = "train_config.json"  # not config.json: out_dir may be a Hugging Face folder, whose config.json it is
 
 
 def process_start_time() -> float:
@@ -94,7 +94,7 @@ class MetricsLog:
 
     # --- files
     def write_config(self, config: dict) -> str:
-        """out_dir/config.json: the resolved config and the git commit (atomic); logs both. Returns the commit."""
+        """out_dir/train_config.json: the resolved config and the git commit (atomic); logs both. Returns the commit."""
         commit = git_commit()
         if self.enabled:
             payload = json.dumps({"git_commit": commit, "config": config}, indent=2) + "\n"
@@ -102,7 +102,7 @@ class MetricsLog:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write(self.out_dir / CONFIG_NAME, lambda f: f.write(payload.encode("utf-8")))
             except OSError as exc:
-                raise UserError(f"cannot write to out_dir {self.out_dir}: {exc.strerror or exc}; "
+                raise UserError(f"cannot write to out_dir {self.out_dir}: {os_reason(exc)}; "
                                 "choose a writable --out_dir") from None
             self.info(f"git commit {commit}; config: " + json.dumps(config, separators=(", ", "=")))
         return commit
@@ -119,7 +119,7 @@ class MetricsLog:
                 atomic_write(self.path, lambda f: f.write(text.encode("utf-8")))
             self._file = open(self.path, "a", encoding="utf-8")
         except OSError as exc:  # e.g. a full disk: the old metrics.jsonl is intact (atomic rewrite)
-            raise UserError(f"cannot write {self.path}: {exc.strerror or exc}; free disk space or choose a "
+            raise UserError(f"cannot write {self.path}: {os_reason(exc)}; free disk space or choose a "
                             "writable --out_dir") from None
 
     def _record(self, record: dict) -> None:
@@ -133,7 +133,7 @@ class MetricsLog:
                     file.close()
                 except OSError:
                     pass
-                raise UserError(f"cannot write {self.path}: {exc.strerror or exc}; free disk space or choose a "
+                raise UserError(f"cannot write {self.path}: {os_reason(exc)}; free disk space or choose a "
                                 "writable --out_dir") from None
         if self._wandb_run is not None:
             self._wandb_run.log({k: v for k, v in record.items() if v is not None})
@@ -177,8 +177,7 @@ class MetricsLog:
             self._wandb_run = wandb.init(project=project, name=run_name, config=config, id=run_id, resume="allow",
                                          dir=str(self.out_dir))
         except Exception as exc:  # no login, no network: say so instead of a traceback
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise UserError(f"wandb could not start ({reason}); run `wandb login`, set WANDB_MODE=offline, "
+            raise UserError(f"wandb could not start ({first_line(exc)}); run `wandb login`, set WANDB_MODE=offline, "
                             "or --wandb_log=False") from None
         # Records carry their iteration: a resumed run re-logs the steps after its checkpoint against "iter".
         self._wandb_run.define_metric("iter")

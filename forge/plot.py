@@ -6,7 +6,7 @@
 
 Reads what the training loop writes: `metrics.jsonl` (one JSON object per log or eval step:
 `iter`, `loss`, `lr`, `tokens_per_sec`, `mfu`, and for evals `train_loss`, `val_loss`, and
-`hellaswag_acc_norm` when enabled) and, when present, `config.json` (the resolved config), from which the tokens seen per iteration
+`hellaswag_acc_norm` when enabled) and, when present, `train_config.json` (the resolved config), from which the tokens seen per iteration
 are `batch_size * block_size * gradient_accumulation_steps` (the global batch, whatever the
 world size). matplotlib is an optional dependency: `pip install -e '.[plot]'`.
 """
@@ -16,11 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forge.errors import ArgumentParser, UserError, run_main
-from forge.metrics import read_metrics
-
-
-class PlotError(UserError):
-    """A run folder or option the plot cannot use."""
+from forge.io import atomic_write, os_reason
+from forge.metrics import CONFIG_NAME, read_metrics
 
 
 @dataclass
@@ -50,11 +47,14 @@ def _series(records: list[dict], key: str, scale: float = 1.0) -> list[tuple[int
 
 
 def tokens_per_iter_from_config(run_dir: Path) -> int | None:
-    """Global tokens per optimizer step from the run's config.json, or None when unknown."""
-    path = run_dir / "config.json"
+    """Global tokens per optimizer step from the run's train_config.json (config.json in runs made before
+    it was renamed: only when it has train.py's layout, never a Hugging Face config), or None when unknown."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-        config = config.get("config", config)  # train.py writes {"git_commit": ..., "config": {...}}
+        if (run_dir / CONFIG_NAME).is_file():
+            config = json.loads((run_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+        else:
+            config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        config = config["config"]  # train.py writes {"git_commit": ..., "config": {...}}
         value = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -62,13 +62,13 @@ def tokens_per_iter_from_config(run_dir: Path) -> int | None:
 
 
 def load_run(run_dir: str | Path, label: str) -> Run:
-    """Read one run folder; a missing folder, missing or empty metrics.jsonl is a PlotError."""
+    """Read one run folder; a missing folder, missing or empty metrics.jsonl is a UserError."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise PlotError(f"run folder {run_dir} does not exist; pass the out_dir of a training run")
+        raise UserError(f"run folder {run_dir} does not exist; pass the out_dir of a training run")
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise PlotError(f"{path} not found; train with this out_dir first (train.py writes metrics.jsonl on rank 0)")
+        raise UserError(f"{path} not found; train with this out_dir first (train.py writes metrics.jsonl on rank 0)")
     records = read_metrics(path)
     run = Run(
         label=label,
@@ -82,7 +82,7 @@ def load_run(run_dir: str | Path, label: str) -> Run:
         hellaswag=_series(records, "hellaswag_acc_norm"),
     )
     if not (run.loss or run.val_loss):
-        raise PlotError(f"{path} has no loss records yet; plot again after the first log_interval")
+        raise UserError(f"{path} has no loss records yet; plot again after the first log_interval")
     return run
 
 
@@ -90,7 +90,7 @@ def _import_pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise PlotError("plotting needs matplotlib: pip install -e '.[plot]'") from None
+        raise UserError("plotting needs matplotlib: pip install -e '.[plot]'") from None
     matplotlib.use("Agg")  # files only, no display needed (servers, CI)
     import matplotlib.pyplot as plt
 
@@ -102,14 +102,14 @@ def plot_runs(runs: list[Run], out_path: str | Path, x_axis: str = "iter") -> Pa
 
     x_axis='iter' puts iterations on the x axis, with a 'tokens seen' axis on top when every run
     has the same known tokens per iteration; x_axis='tokens' plots against tokens seen directly
-    (needs config.json in every run), which compares runs with different batch sizes fairly.
+    (needs train_config.json in every run), which compares runs with different batch sizes fairly.
     """
     plt, ticker = _import_pyplot()
     EngFormatter, FuncFormatter = ticker.EngFormatter, ticker.FuncFormatter
     if x_axis == "tokens":
         missing = [run.label for run in runs if run.tokens_per_iter is None]
         if missing:
-            raise PlotError(f"--x=tokens needs config.json (batch_size, block_size, gradient_accumulation_steps) in: {', '.join(missing)}")
+            raise UserError(f"--x=tokens needs train_config.json (batch_size, block_size, gradient_accumulation_steps) in: {', '.join(missing)}")
 
     def xs(run, series):
         scale = run.tokens_per_iter if x_axis == "tokens" else 1
@@ -169,11 +169,13 @@ def plot_runs(runs: list[Run], out_path: str | Path, x_axis: str = "iter") -> Pa
 
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
-        raise PlotError(f"cannot write {out_path}: folder {out_path.parent} does not exist")
-    tmp = out_path.with_name(out_path.name + ".tmp.png")  # atomic: a reader never sees half a PNG
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_path)
+        raise UserError(f"cannot write {out_path}: folder {out_path.parent} does not exist")
+    try:  # atomic: a reader never sees half a PNG
+        atomic_write(out_path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    except OSError as exc:
+        raise UserError(f"cannot write {out_path}: {os_reason(exc)}") from None
+    finally:
+        plt.close(fig)
     return out_path
 
 
@@ -193,7 +195,7 @@ def main(argv: list[str]) -> None:
     if args.labels is not None:
         labels = args.labels.split(",")
         if len(labels) != len(args.out_dirs):
-            raise PlotError(f"--labels has {len(labels)} names for {len(args.out_dirs)} run folders; give one per folder")
+            raise UserError(f"--labels has {len(labels)} names for {len(args.out_dirs)} run folders; give one per folder")
     runs = [load_run(d, label) for d, label in zip(args.out_dirs, labels)]
     out = args.out or (Path(args.out_dirs[0]) / "metrics.png" if len(runs) == 1 else Path("compare.png"))
     path = plot_runs(runs, out, x_axis=args.x)

@@ -7,13 +7,10 @@ arrive (so the bytes are the same for any num_proc). A finished folder is commit
 bins are fsynced and renamed into place, and meta.json is written last, so a folder with a
 meta.json is complete and an interrupted run leaves only *.tmp files that the next run replaces.
 """
-import hashlib
-import http.client
 import json
 import multiprocessing
 import os
 import signal
-import urllib.request
 from collections import deque
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from forge.errors import UserError
+from forge.io import FolderLock, download, fsync_dir, fsync_file, os_reason
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256
@@ -283,8 +281,7 @@ def tokenize_to_bin(documents, path, meta: dict, *, num_proc: int = 1, append_eo
             num_tokens, num_documents, num_chars = num_tokens + len(ids), num_documents + finished, num_chars + chars
             bar.update(finished)
             bar.set_postfix(tokens=f"{num_tokens:,}", refresh=False)
-        f.flush()
-        os.fsync(f.fileno())
+        fsync_file(f)
     return Written(num_tokens, num_documents, num_chars)
 
 
@@ -298,19 +295,19 @@ def split_tail(path, tail_path, dtype: str, tail_fraction: float) -> tuple[int, 
         src.seek(num_head * itemsize)
         while block := src.read(1 << 24):
             dst.write(block)
-        dst.flush()
-        os.fsync(dst.fileno())
+        fsync_file(dst)
         src.truncate(num_head * itemsize)
-        src.flush()
-        os.fsync(src.fileno())
+        fsync_file(src)
     return num_head, total - num_head
 
 
-def write_text_split(text: str, out_dir, meta: dict, *, train_fraction: float = 0.9, num_proc: int = 1) -> dict:
+def write_text_split(text: str, out_dir, meta: dict, *, train_fraction: float = 0.9, num_proc: int = 1,
+                     force: bool = False) -> dict:
     """nanoGPT's split of one text: the first train_fraction of the characters -> train.bin, the rest ->
-    val.bin, each tokenized as one document (no EOT); committed with meta. Returns {split: tokens}."""
+    val.bin, each tokenized as one document (no EOT); committed with meta (replacing a complete folder
+    only with force). Returns {split: tokens}."""
     n = int(len(text) * train_fraction)
-    with PreparedFolder(out_dir) as folder:
+    with PreparedFolder(out_dir, force=force) as folder:
         counts = {split: tokenize_to_bin([part], folder.temp(f"{split}.bin"), meta, num_proc=num_proc).tokens
                   for split, part in (("train", text[:n]), ("val", text[n:]))}
         folder.commit(meta)
@@ -319,29 +316,50 @@ def write_text_split(text: str, out_dir, meta: dict, *, train_fraction: float = 
 
 # ----------------------------------------------------------------------------- committing a data folder
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+META_BACKUP = ".meta.json.old"  # the previous meta.json while a commit replaces the bins
+
+
+def is_prepared(out_dir) -> bool:
+    """The folder holds a complete dataset: a meta.json, or (nanoGPT's folders) both bins and no *.tmp."""
+    out_dir = Path(out_dir)
+    if (out_dir / "meta.json").is_file():
+        return True
+    return all((out_dir / f"{split}.bin").is_file() for split in ("train", "val")) and not any(out_dir.glob("*.tmp"))
+
+
+def already_prepared(out_dir, force: bool) -> bool:
+    """For the prepare scripts of fixed datasets: True (and says so) when out_dir is complete and not --force."""
+    if force or not is_prepared(out_dir):
+        return False
+    print(f"{out_dir} is already prepared; pass --force to prepare it again")
+    return True
 
 
 class PreparedFolder:
     """A data folder being (re)written: outputs go to `<name>.tmp` files that commit() renames into place.
 
-    Used as a context manager: if the body raises (or is interrupted), the temporary files are
-    removed and whatever the folder held before is untouched.
+    Used as a context manager, which holds the folder's writer lock (a second preparation of the same
+    folder is refused while this one lives) and refuses to replace a complete dataset unless `force`.
+    If the body raises (or is interrupted) before commit(), the temporary files are removed and the
+    folder is as it was. An OSError (full disk, read-only, permission denied) becomes a DataError.
     """
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, force: bool = False):
         self.out_dir = Path(out_dir)
+        self.force = force
         self._temps = {}  # final path -> temporary path
-        self._created = False
+        self._lock = FolderLock(self.out_dir, "data preparation")
+        self._committing = False
 
     def __enter__(self):
-        self._created = not self.out_dir.exists()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except UserError as exc:
+            raise DataError(str(exc)) from None
+        if not self.force and is_prepared(self.out_dir):
+            self._lock.release()
+            raise DataError(f"{self.out_dir} already holds a complete dataset: pass --force to replace it, "
+                            "or choose another --out_dir")
         return self
 
     def temp(self, name: str) -> Path:
@@ -350,30 +368,64 @@ class PreparedFolder:
         return self._temps[final]
 
     def commit(self, meta: dict) -> None:
-        """Bins into place, then meta.json (atomic), so that a folder with a meta.json is complete.
+        """Make the new bins and meta.json the folder's content, so that at every moment it either loads
+        as the old dataset, loads as the new one, or refuses to load (never a mix that loads):
+
+        1. meta.json.tmp is written and every temporary file made durable; the old dataset is untouched.
+        2. the old meta.json is renamed aside (not deleted): from here the folder has no meta.json and
+           has *.tmp files, which the loader refuses as an interrupted preparation;
+        3. the bins are renamed into place, meta.json.tmp last; the folder is fsynced, the old
+           meta.json removed.
 
         meta.json also records each bin's largest token id (`max_token_ids`, {split: id}), so that a
-        loader can check the ids against a model's vocabulary without reading the bins."""
+        loader can check the ids against a model's vocabulary without reading the bins.
+        """
         meta = {**meta, "max_token_ids": {final.stem: bin_max_id(temp, meta["dtype"])
                                           for final, temp in self._temps.items() if final.suffix == ".bin"}}
-        meta_path = self.out_dir / "meta.json"
-        meta_path.unlink(missing_ok=True)  # until the new meta.json lands the folder reads as incomplete
-        # meta.json.tmp is written first and renamed last: between the renames a *.tmp file always marks
-        # the folder as unfinished (bins without meta.json and without it would load as GPT-2 BPE)
+        meta_path, backup = self.out_dir / "meta.json", self.out_dir / META_BACKUP
         with open(self.temp("meta.json"), "wb") as f:
             f.write(json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        for final, temp in self._temps.items():
-            os.replace(temp, final)
-        self._temps = {}
-        _fsync_dir(self.out_dir)
+            fsync_file(f)
+        fsync_dir(self.out_dir)
+        self._committing = True
+        if meta_path.exists():
+            os.replace(meta_path, backup)
+        try:
+            renamed = 0
+            for final, temp in self._temps.items():
+                if final != meta_path:
+                    os.replace(temp, final)
+                    renamed += 1
+        except BaseException:
+            if renamed == 0 and backup.exists():  # nothing replaced yet: the old dataset is whole again
+                os.replace(backup, meta_path)
+                self._committing = False
+            raise
+        os.replace(self._temps[meta_path], meta_path)
+        self._temps, self._committing = {}, False  # the new dataset is in place
+        fsync_dir(self.out_dir)
+        try:
+            backup.unlink(missing_ok=True)
+        except OSError:  # a leftover hidden file; the next preparation replaces it
+            pass
 
     def __exit__(self, exc_type, exc, tb):
-        for temp in self._temps.values():
-            temp.unlink(missing_ok=True)
-        if exc_type is not None and self._created and not any(self.out_dir.iterdir()):
-            self.out_dir.rmdir()  # a failed first run leaves no empty folder behind
+        try:
+            if not self._committing:  # a failed commit keeps its *.tmp files: they mark the folder unfinished
+                for temp in self._temps.values():
+                    try:
+                        temp.unlink(missing_ok=True)
+                    except OSError:
+                        pass
+            self._temps = {}
+        finally:
+            self._lock.release()
+        if isinstance(exc, OSError):
+            where = f" ({exc.filename})" if exc.filename else ""
+            state = ("the folder is left unfinished and refuses to load: run the preparation again"
+                     if self._committing else "the folder is as it was")
+            raise DataError(f"cannot write the dataset in {self.out_dir}: {os_reason(exc)}{where}; {state}. "
+                            "Free disk space or choose a writable --out_dir") from None
         return False
 
 
@@ -384,41 +436,25 @@ def bin_max_id(path, dtype: str) -> int:
     return max((int(tokens[i:i + block].max()) for i in range(0, len(tokens), block)), default=-1)
 
 
-def write_atomic(path, data: bytes) -> None:
-    """Write bytes to path through a temporary file, fsync, rename: a reader sees all or nothing."""
-    path = Path(path)
-    temp = path.with_name(path.name + ".tmp")
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def download(url: str, path) -> None:
-    """Fetch url to path atomically (a failed or interrupted download leaves no partial file); a file whose
-    SHA-256 is known (KNOWN_SHA256) must match it."""
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            data = response.read()  # raises IncompleteRead when fewer bytes than Content-Length arrive
-    except (OSError, http.client.HTTPException) as exc:
-        raise DataError(f"could not download {url} ({exc}); download it by hand and pass --input PATH") from None
-    expected = KNOWN_SHA256.get(url)
-    if expected and hashlib.sha256(data).hexdigest() != expected:
-        raise DataError(f"the download of {url} is damaged ({len(data):,} bytes, SHA-256 "
-                        f"{hashlib.sha256(data).hexdigest()[:12]}..., expected {expected[:12]}...); nothing was "
-                        "written: try again, or download it by hand and pass --input PATH")
-    write_atomic(path, data)
-
-
 # ----------------------------------------------------------------------------- prepare scripts' command line
 
 def default_num_proc() -> int:
     return os.cpu_count() or 1
+
+
+def num_proc(value: str) -> int:
+    """argparse type of --num_proc: 1 .. 4x the cores (more processes than that only cost memory)."""
+    import argparse
+
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    limit = 4 * default_num_proc()
+    if not 1 <= n <= limit:
+        raise argparse.ArgumentTypeError(f"{n} must be between 1 and {limit} (this machine has "
+                                         f"{default_num_proc()} cores; more processes only add memory)")
+    return n
 
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -431,7 +467,8 @@ def local_or_downloaded_text(input_path, local_path, url: str) -> str:
         input_path = Path(local_path)
         if not input_path.is_file():
             print(f"downloading {url} -> {input_path}")
-            download(url, input_path)
+            download(url, input_path, sha256=KNOWN_SHA256.get(url), error=DataError,
+                     hint="download it by hand and pass --input PATH")
     return read_text(input_path)
 
 

@@ -22,11 +22,21 @@ parse_launcher_options() {
             *) TRAIN_ARGS+=("$arg") ;;
         esac
     done
-    local name value
-    for name in NPROC_PER_NODE MAX_RESTARTS; do
-        value=${!name:-}
-        [[ -z $value || $value =~ ^[0-9]+$ ]] || usage_error "--${name,,}=$value must be a whole number"
-    done
+    # plain decimal numbers only: bash arithmetic reads 08 as bad octal, and 0 processes would run nothing
+    [[ -z ${NPROC_PER_NODE:-} || $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] ||
+        usage_error "--nproc_per_node=$NPROC_PER_NODE must be a whole number of processes, 1 or more (no leading zeros)"
+    [[ -z ${MAX_RESTARTS:-} || $MAX_RESTARTS =~ ^(0|[1-9][0-9]*)$ ]] ||
+        usage_error "--max_restarts=$MAX_RESTARTS must be a whole number, 0 or more (no leading zeros)"
+}
+
+# --nnodes=N or MIN:MAX with 1 <= MIN <= MAX, and --rdzv_endpoint=HOST:PORT with a port in 1..65535.
+check_rendezvous_options() {
+    [[ $NNODES =~ ^([1-9][0-9]*)(:([1-9][0-9]*))?$ ]] ||
+        usage_error "--nnodes=$NNODES must be a number of nodes (1 or more) or MIN:MAX"
+    [[ -z ${BASH_REMATCH[3]} || ${BASH_REMATCH[1]} -le ${BASH_REMATCH[3]} ]] ||
+        usage_error "--nnodes=$NNODES: MIN must not exceed MAX"
+    [[ $RDZV_ENDPOINT =~ ^[^:]+:([1-9][0-9]*)$ ]] && (( ${#BASH_REMATCH[1]} <= 5 && BASH_REMATCH[1] <= 65535 )) ||
+        usage_error "--rdzv_endpoint=$RDZV_ENDPOINT must be HOST:PORT with a port in 1..65535, e.g. node0:29500"
 }
 
 wants_help() {

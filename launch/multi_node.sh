@@ -37,9 +37,8 @@ USAGE="usage: launch/multi_node.sh --nnodes=N --rdzv_endpoint=HOST:PORT [--rdzv_
 [[ $# -ge 1 ]] || usage_error "$USAGE"
 wants_help "$@" && exec "$PYTHON" train.py --help
 [[ -n ${NNODES:-} ]] || usage_error "--nnodes is missing (the number of nodes, or MIN:MAX); $USAGE"
-[[ $NNODES =~ ^[0-9]+(:[0-9]+)?$ ]] || usage_error "--nnodes=$NNODES must be a number of nodes or MIN:MAX"
 [[ -n ${RDZV_ENDPOINT:-} ]] || usage_error "--rdzv_endpoint is missing (HOST:PORT of one node, the same on every node); $USAGE"
-[[ $RDZV_ENDPOINT =~ ^[^:]+:[0-9]+$ ]] || usage_error "--rdzv_endpoint=$RDZV_ENDPOINT must be HOST:PORT, e.g. node0:29500"
+check_rendezvous_options
 NPROC=${NPROC_PER_NODE:-$(local_gpu_count)}
 [[ $NPROC -ge 1 ]] || NPROC=1
 INIT=$(init_from_args "$@")

@@ -28,7 +28,7 @@ def state(iter_num=1, **extra):
 def test_save_is_atomic_and_keeps_numbered_history(tmp_path):
     for it in (1, 2, 3, 4):
         save_checkpoint(tmp_path, state(it), keep_last=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-3.pt", "ckpt-4.pt", "ckpt.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep_last.json", "ckpt-3.pt", "ckpt-4.pt", "ckpt.pt"]
     assert load_checkpoint(tmp_path)["iter_num"] == 4
     assert load_checkpoint(tmp_path / "ckpt-3.pt")["iter_num"] == 3
     save_checkpoint(tmp_path, state(5))  # keep_last=0 leaves the history alone

@@ -1,4 +1,4 @@
-"""forge/metrics.py: console lines, metrics.jsonl across resumes, torn lines, config.json, rank-0 only."""
+"""forge/metrics.py: console lines, metrics.jsonl across resumes, torn lines, train_config.json, rank-0 only."""
 import json
 
 from forge.metrics import MetricsLog, git_commit, read_metrics
@@ -54,7 +54,7 @@ def test_other_ranks_write_nothing(tmp_path, capsys):
 
 def test_config_json_carries_the_resolved_config_and_commit(tmp_path, capsys):
     commit = MetricsLog(tmp_path).write_config({"n_layer": 4, "out_dir": str(tmp_path)})
-    saved = json.loads((tmp_path / "config.json").read_text())
+    saved = json.loads((tmp_path / "train_config.json").read_text())
     assert saved == {"git_commit": commit, "config": {"n_layer": 4, "out_dir": str(tmp_path)}}
     assert commit == git_commit() and (len(commit) == 40 or commit == "unknown")
     assert commit in capsys.readouterr().out

@@ -12,7 +12,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _fake_run(path, loss_scale=1.0, with_config=True, mfu=0.31, hellaswag=False):
-    """A run folder shaped like train.py's: log records, eval records, a torn last line, config.json."""
+    """A run folder shaped like train.py's: log records, eval records, a torn last line, train_config.json."""
     path.mkdir()
     lines = []
     for it in range(0, 200, 10):
@@ -26,7 +26,7 @@ def _fake_run(path, loss_scale=1.0, with_config=True, mfu=0.31, hellaswag=False)
     (path / "metrics.jsonl").write_text(text)
     if with_config:
         config = {"batch_size": 12, "block_size": 64, "gradient_accumulation_steps": 1}
-        (path / "config.json").write_text(json.dumps({"git_commit": "abc", "config": config}))
+        (path / "train_config.json").write_text(json.dumps({"git_commit": "abc", "config": config}))
     return path
 
 
@@ -62,7 +62,7 @@ def test_bad_inputs_are_one_clean_line(tmp_path):
         ([tmp_path], "metrics.jsonl not found"),
         ([empty], "no loss records"),
         ([a, "--labels=x,y"], "--labels has 2 names for 1"),
-        ([a, no_config, "--x=tokens"], "config.json .* in: out-b"),
+        ([a, no_config, "--x=tokens"], "train_config.json .* in: out-b"),
         ([a, f"--out={tmp_path / 'no' / 'dir.png'}"], "folder .* does not exist"),
         ([a, "--x=time"], "invalid choice: 'time'"),
         ([], "required: OUT_DIR"),
@@ -81,3 +81,17 @@ def test_missing_matplotlib_says_what_to_install(tmp_path):
     proc = run_py("-m", "forge.plot", run, env={"PYTHONPATH": str(blocker.parent)})
     assert_clean_error(proc, "pip install -e '.[plot]'")
     assert not (run / "metrics.png").exists()
+
+
+def test_tokens_per_iter_reads_old_runs_config_json_but_never_a_hugging_face_one(tmp_path):
+    from forge.plot import tokens_per_iter_from_config
+
+    config = {"batch_size": 4, "block_size": 8, "gradient_accumulation_steps": 2}
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"git_commit": "abc", "config": config}))
+    assert tokens_per_iter_from_config(old) == 64
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", **config}))
+    assert tokens_per_iter_from_config(hf) is None

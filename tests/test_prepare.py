@@ -120,10 +120,10 @@ def test_bad_jsonl_line_names_file_and_line_and_keeps_the_old_output(tmp_path, s
     before = snapshot(out)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n\n{"text": broken\n')
-    assert_clean_error(run_py("data/text/prepare.py", bad, "--out_dir", out), "bad.jsonl:3", "not valid JSON")
+    assert_clean_error(run_py("data/text/prepare.py", bad, "--out_dir", out, "--force"), "bad.jsonl:3", "not valid JSON")
     missing_field = tmp_path / "nofield.jsonl"
     missing_field.write_text('{"content": "x"}\n')
-    assert_clean_error(run_py("data/text/prepare.py", missing_field, "--out_dir", out), "nofield.jsonl:1", "--text_field")
+    assert_clean_error(run_py("data/text/prepare.py", missing_field, "--out_dir", out, "--force"), "nofield.jsonl:1", "--text_field")
     assert snapshot(out) == before
 
 

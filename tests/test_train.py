@@ -62,7 +62,7 @@ def test_loss_falls_and_records_are_written(tmp_path, tiny_char_data):
     step = next(r for r in records if "loss" in r)
     assert {"iter", "loss", "lr", "grad_norm", "ms", "tokens_per_sec", "mfu"} <= set(step)
     assert all("time_s" in r for r in records if "val_loss" in r)
-    config = __import__("json").loads((out / "config.json").read_text())
+    config = __import__("json").loads((out / "train_config.json").read_text())
     assert config["config"]["max_iters"] == 30 and config["git_commit"]
     ckpt = load_checkpoint(out)
     assert ckpt["iter_num"] == 30 and ckpt["best_val_loss"] == pytest.approx(evals[30][1])
@@ -290,7 +290,7 @@ def test_bad_inputs_are_clean_errors(trained, tmp_path, tiny_char_data):
         (cli(tmp_path / "fresh", tiny_char_data, device="cuda"), ["device"]),
         (cli(tmp_path / "fresh", tiny_char_data, dtype="float16"), ["float16"]),
         (cli(tmp_path / "fresh", tiny_char_data, init_from="gpt3"), ["init_from", "gpt3"]),
-        (cli(run / "config.json" / "sub", tiny_char_data), ["config.json"]),  # out_dir under a file
+        (cli(run / "train_config.json" / "sub", tiny_char_data), ["train_config.json"]),  # out_dir under a file
     ]
     before = snapshot(tmp_path)
     for args, needles in cases:

@@ -15,8 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a plain checkout
 
 from forge.errors import ArgumentParser, run_main  # noqa: E402
-from forge.tokenize import (DataError, PreparedFolder, default_num_proc, gpt2_meta,  # noqa: E402
-                            tokenize_to_bin)
+from forge.io import first_line  # noqa: E402
+from forge.tokenize import (DataError, PreparedFolder, already_prepared, default_num_proc,  # noqa: E402
+                            gpt2_meta, num_proc, tokenize_to_bin)
 
 HERE = Path(__file__).resolve().parent
 HUB_DATASET = "Skylion007/openwebtext"  # the hub id that the old short name "openwebtext" redirects to
@@ -33,8 +34,7 @@ def load_splits(name: str, num_proc: int):
     try:
         dataset = load_dataset(name, num_proc=num_proc)
     except Exception as exc:  # network, hub or format trouble: say which dataset and how to point elsewhere
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"could not load dataset {name!r} ({type(exc).__name__}: {message}); check the network, "
+        raise DataError(f"could not load dataset {name!r} ({type(exc).__name__}: {first_line(exc)}); check the network, "
                         "or pass --dataset with another hub id or a local folder of .parquet/.jsonl files") from None
     if "train" not in dataset or "text" not in dataset["train"].column_names:
         raise DataError(f"dataset {name!r} needs a 'train' split with a 'text' column")
@@ -50,18 +50,17 @@ def texts(split):
 def main(argv=None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out_dir", type=Path, default=HERE, help="where the bins and meta.json go (default: here)")
-    parser.add_argument("--num_proc", type=int, default=default_num_proc(),
+    parser.add_argument("--num_proc", type=num_proc, default=default_num_proc(),
                         help="processes for downloading and tokenizing (default: all cores)")
     parser.add_argument("--dataset", default=HUB_DATASET, help=f"hub id or local data folder (default: {HUB_DATASET})")
     parser.add_argument("--force", action="store_true", help="prepare again even if the folder is already complete")
     args = parser.parse_args(argv)
-    if (args.out_dir / "meta.json").is_file() and not args.force:
-        print(f"{args.out_dir} is already prepared (it has a meta.json); pass --force to prepare it again")
+    if already_prepared(args.out_dir, args.force):
         return
 
-    splits = load_splits(args.dataset, args.num_proc)
     meta = gpt2_meta()
-    with PreparedFolder(args.out_dir) as folder:
+    with PreparedFolder(args.out_dir, force=args.force) as folder:  # locked first: a second run stops here
+        splits = load_splits(args.dataset, args.num_proc)
         counts = {name: tokenize_to_bin(texts(split), folder.temp(f"{name}.bin"), meta, num_proc=args.num_proc,
                                         append_eot=True, total_documents=len(split), desc=name).tokens
                   for name, split in splits.items()}

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a plain checkout
 
 from forge.errors import ArgumentParser, run_main  # noqa: E402
-from forge.tokenize import (TINY_SHAKESPEARE_URL, char_meta,  # noqa: E402
+from forge.tokenize import (TINY_SHAKESPEARE_URL, already_prepared, char_meta,  # noqa: E402
                             local_or_downloaded_text, write_text_split)
 
 HERE = Path(__file__).resolve().parent
@@ -22,11 +22,14 @@ def main(argv=None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", type=Path, help="Tiny Shakespeare text (default: input.txt here, else download)")
     parser.add_argument("--out_dir", type=Path, default=HERE, help="where the bins and meta.json go (default: here)")
+    parser.add_argument("--force", action="store_true", help="prepare again even if the folder is already complete")
     args = parser.parse_args(argv)
+    if already_prepared(args.out_dir, args.force):
+        return
 
     text = local_or_downloaded_text(args.input, HERE / "input.txt", TINY_SHAKESPEARE_URL)
     meta = char_meta(sorted(set(text)))  # nanoGPT's vocabulary: the sorted unique characters
-    counts = write_text_split(text, args.out_dir, meta)
+    counts = write_text_split(text, args.out_dir, meta, force=args.force)
     print(f"{len(text):,} characters, vocab {meta['vocab_size']}: train {counts['train']:,} tokens, "
           f"val {counts['val']:,} tokens -> {args.out_dir}")
 

@@ -22,7 +22,7 @@ from tqdm import tqdm  # noqa: E402
 
 from forge.errors import ArgumentParser, run_main  # noqa: E402
 from forge.tokenize import (DataError, PreparedFolder, char_meta, default_num_proc,  # noqa: E402
-                            gpt2_meta, split_tail, tokenize_to_bin)
+                            gpt2_meta, num_proc, split_tail, tokenize_to_bin)
 
 DATA = Path(__file__).resolve().parents[1]
 CORPUS_SUFFIXES = (".txt", ".jsonl")
@@ -100,7 +100,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2", help="GPT-2 BPE or characters")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of the tokens kept for val")
     parser.add_argument("--text_field", default="text", help="the text field of .jsonl records")
-    parser.add_argument("--num_proc", type=int, default=default_num_proc(), help="tokenizer processes (default: all cores)")
+    parser.add_argument("--num_proc", type=num_proc, default=default_num_proc(), help="tokenizer processes (default: all cores)")
+    parser.add_argument("--force", action="store_true", help="replace the dataset already in --out_dir")
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         raise DataError(f"--val_fraction {args.val_fraction} must be between 0 and 1 (exclusive)")
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
         meta = char_meta(chars)
     else:
         meta = gpt2_meta()
-    with PreparedFolder(out_dir) as folder:
+    with PreparedFolder(out_dir, force=args.force) as folder:
         train = folder.temp("train.bin")
         written = tokenize_to_bin(documents(files, args.text_field), train, meta, num_proc=args.num_proc,
                                   append_eot=meta["tokenizer"] == "gpt2", desc="tokens")

@@ -48,6 +48,7 @@ class Workspace:
     configs: Path
     texts: Path
     marker: Path  # must never exist
+    edited: dict  # runs whose ckpt.pt had a small edit: wide, deep (model_args), no_args, nan (weights), orphaned
 
     def train(self, out=None, data=None, **overrides) -> list:
         return cli(out or self.root / "fresh", data or self.data, max_iters=4, lr_decay_iters=4, **overrides)
@@ -93,8 +94,20 @@ def ws(forks, tmp_path_factory, shakespeare_text) -> Workspace:
     assert marker.exists()
     marker.unlink()
 
+    edited = {kind: shutil.copytree(run, root / "runs" / kind) for kind in ("wide", "deep", "no_args", "nan")}
+    for kind, edit in (("wide", lambda c: c["model_args"].update(n_embd=10**6)),
+                       ("deep", lambda c: c["model_args"].update(n_layer=10**9)),
+                       ("no_args", lambda c: c.pop("model_args")),
+                       ("nan", lambda c: c["model"]["transformer.h.0.attn.c_attn.weight"].fill_(float("nan")))):
+        ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, edited[kind] / "ckpt.pt")
+    edited["orphaned"] = shutil.copytree(run, root / "runs" / "orphaned")
+    (edited["orphaned"] / "ckpt.pt").rename(edited["orphaned"] / "ckpt-2.pt")
+
     configs = root / "configs"
     configs.mkdir()
+    (configs / "ok.py").write_text("n_layer = 2\n")
     (configs / "typo.py").write_text("n_layer = 2\nlearning_rat = 1e-3\n")
     (configs / "syntax.py").write_text("n_layer = = 2\n")
     (configs / "wrong_type.py").write_text("batch_size = '12'\n")
@@ -105,7 +118,7 @@ def ws(forks, tmp_path_factory, shakespeare_text) -> Workspace:
     (texts / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (texts / "notes.txt").write_text("some text\n" * 50)
     return Workspace(root, data, other, empty, short, evil_meta, run, runs["corrupt"], runs["truncated"],
-                     runs["foreign"], runs["evil"], configs, texts, marker)
+                     runs["foreign"], runs["evil"], configs, texts, marker, edited)
 
 
 def free_port() -> int:
@@ -159,6 +172,22 @@ CASES = [
     ("train-resume-without-ckpt", "train.py", lambda w: w.train(init_from="resume"), ["init_from=resume", "ckpt.pt"]),
     ("train-overwrite-run", "train.py", lambda w: w.train(w.run, init_from="scratch"), ["already exists"]),
     ("train-shape-mismatch", "train.py", lambda w: w.train(w.run, init_from="resume", n_layer=3), ["n_layer"]),
+    ("train-ckpt-model-args-wider", "train.py", lambda w: w.train(w.edited["wide"], init_from="resume"),
+     ["ckpt.pt", "does not fit"]),
+    ("train-ckpt-model-args-deeper", "train.py", lambda w: w.train(w.edited["deep"], init_from="resume"),
+     ["ckpt.pt", "n_layer=1000000000"]),
+    ("train-ckpt-without-model-args", "train.py", lambda w: w.train(w.edited["no_args"], init_from="resume"),
+     ["ckpt.pt", "no model_args"]),
+    ("train-numbered-ckpts-without-ckpt", "train.py", lambda w: w.train(w.edited["orphaned"], init_from="auto"),
+     ["ckpt-2.pt", "--init_from=resume"]),
+    # train.py: run folder, data folder, seeds, schedules
+    ("train-empty-out-dir", "train.py", lambda w: w.train() + ["--out_dir="], ["out_dir", "empty"]),
+    ("train-data-dir-is-a-file", "train.py", lambda w: w.train(data=w.data / "meta.json"), ["meta.json", "a file"]),
+    ("train-seed-too-large", "train.py", lambda w: w.train(seed=2**32), ["seed=4294967296"]),
+    ("train-min-lr-above-lr", "train.py", lambda w: w.train(min_lr=0.5), ["min_lr=0.5", "learning_rate"]),
+    ("train-warmup-past-decay", "train.py", lambda w: w.train(warmup_iters=10), ["warmup_iters=10", "lr_decay_iters"]),
+    ("train-absurd-batch", "train.py", lambda w: w.train(batch_size=10**9), ["batch_size=1000000000"]),
+    ("train-absurd-model", "train.py", lambda w: w.train(n_layer=10**5, n_embd=8192, n_head=8), ["n_layer=100000"]),
     # train.py: machine, batch, world size, pretrained names
     ("train-device-cuda", "train.py", lambda w: w.train(device="cuda"), ["cuda"]),
     ("train-float16-on-cpu", "train.py", lambda w: w.train(dtype="float16"), ["float16"]),
@@ -182,6 +211,9 @@ CASES = [
      ["no.txt", "not found"]),
     ("sample-prompt-outside-vocab", "sample.py", lambda w: [f"--out_dir={w.run}", "--start=\u00e9t\u00e9 \u2603"],
      ["prompt", "vocabulary"]),
+    ("sample-nan-weights", "sample.py", lambda w: [f"--out_dir={w.edited['nan']}"], ["ckpt.pt", "nan"]),
+    ("sample-ckpt-model-args-wider", "sample.py", lambda w: [f"--out_dir={w.edited['wide']}"], ["does not fit"]),
+    ("sample-seed-too-large", "sample.py", lambda w: [f"--out_dir={w.run}", f"--seed={2**64}"], ["seed"]),
     # evaluate.py
     ("evaluate-vocab-mismatch", "evaluate.py", lambda w: [f"--out_dir={w.run}", f"--data_dir={w.other}"],
      ["tokenized with"]),
@@ -207,8 +239,14 @@ CASES = [
      ["bad.jsonl:2"]),
     ("text-val-fraction", "data/text/prepare.py",
      lambda w: [w.texts / "notes.txt", "--val_fraction", "1.5", "--out_dir", w.root / "p"], ["val_fraction"]),
-    ("text-over-existing-bad", "data/text/prepare.py", lambda w: [w.texts / "latin1.txt", "--out_dir", w.data],
-     ["latin1.txt", "utf-8"]),
+    ("text-over-existing-bad", "data/text/prepare.py",
+     lambda w: [w.texts / "latin1.txt", "--out_dir", w.data, "--force"], ["latin1.txt", "utf-8"]),
+    ("text-over-complete-without-force", "data/text/prepare.py", lambda w: [w.texts / "notes.txt", "--out_dir", w.data],
+     ["already holds a complete dataset", "--force"]),
+    ("text-out-dir-is-a-file", "data/text/prepare.py",
+     lambda w: [w.texts / "notes.txt", "--out_dir", w.texts / "notes.txt"], ["notes.txt", "a file"]),
+    ("text-num-proc-too-many", "data/text/prepare.py",
+     lambda w: [w.texts / "notes.txt", "--num_proc", "100000", "--out_dir", w.root / "p"], ["--num_proc", "100000"]),
     ("shakespeare-char-missing-input", "data/shakespeare_char/prepare.py",
      lambda w: ["--input", w.texts / "none.txt", "--out_dir", w.root / "p"], ["none.txt", "not found"]),
     ("shakespeare-char-unknown-option", "data/shakespeare_char/prepare.py",
@@ -220,11 +258,23 @@ CASES = [
     # launchers
     ("single-node-bad-nproc", "launch/single_node.sh", lambda w: ["--nproc_per_node=two", w.configs / "typo.py"],
      ["nproc_per_node"]),
+    ("single-node-nproc-leading-zero", "launch/single_node.sh",
+     lambda w: ["--nproc_per_node=08", w.configs / "ok.py"], ["nproc_per_node=08"]),
+    ("single-node-nproc-zero", "launch/single_node.sh", lambda w: ["--nproc_per_node=0", w.configs / "ok.py"],
+     ["nproc_per_node=0"]),
     ("single-node-config-typo", "launch/single_node.sh", lambda w: ["--nproc_per_node=1", w.configs / "typo.py"],
      ["learning_rat"]),
     ("multi-node-missing-nnodes", "launch/multi_node.sh", lambda w: [w.configs / "typo.py"], ["--nnodes"]),
     ("multi-node-bad-endpoint", "launch/multi_node.sh",
      lambda w: ["--nnodes=2", "--rdzv_endpoint=node0", w.configs / "typo.py"], ["rdzv_endpoint", "host:port"]),
+    ("multi-node-zero-nodes", "launch/multi_node.sh",
+     lambda w: ["--nnodes=0", "--rdzv_endpoint=node0:29500", w.configs / "ok.py"], ["--nnodes=0"]),
+    ("multi-node-bad-port", "launch/multi_node.sh",
+     lambda w: ["--nnodes=2", "--rdzv_endpoint=node0:70000", w.configs / "ok.py"], ["rdzv_endpoint", "65535"]),
+    ("multi-node-unknown-host", "launch/multi_node.sh",
+     lambda w: ["--nnodes=2", "--rdzv_endpoint=no-such-host.invalid:29500", "--nproc_per_node=1", w.configs / "ok.py",
+                f"--out_dir={w.root / 'fresh'}", f"--data_dir={w.data}", "--device=cpu"],
+     ["no-such-host.invalid", "resolved"]),
     ("slurm-outside-sbatch", "launch/slurm.sbatch", lambda w: [w.configs / "typo.py"], ["sbatch"]),
 ]
 

@@ -131,7 +131,7 @@ def test_disk_full_when_resuming_is_a_clean_error_and_changes_nothing(forks, tmp
     proc = forks.run("train.py", *cli(out, tiny_char_data, max_iters=4, init_from="resume"))
     assert_clean_error(proc, "metrics.jsonl", "no space left on device")
     after = snapshot(out)
-    assert after.pop(Path("config.json")) and before.pop(Path("config.json"))  # rewritten at each start, by design
+    assert after.pop(Path("train_config.json")) and before.pop(Path("train_config.json"))  # rewritten at each start, by design
     assert after == before  # the checkpoint and every metrics record
 
 

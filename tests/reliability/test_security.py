@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import forge.hellaswag
+import forge.io
 import forge.tokenize
 from forge.data import load_meta
 from forge.hellaswag import HellaSwagError
@@ -186,14 +187,18 @@ def test_tiny_shakespeare_download_is_verified_and_atomic(tmp_path, monkeypatch,
     if fault == "damaged":
         body = body[:1000] + b"X" + body[1001:]
 
+    attempts, waits = [], []
+
     def urlopen(url, timeout=None):
         assert url == TINY_SHAKESPEARE_URL
+        attempts.append(url)
         if fault == "network":
             raise urllib.error.URLError("no route to host")
         return FakeResponse(body, deliver=len(body) // 3 if fault == "incomplete" else None,
                             incomplete_read=fault == "incomplete")
 
-    monkeypatch.setattr(forge.tokenize.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(forge.io.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(forge.io.time, "sleep", waits.append)
     target = tmp_path / "input.txt"
     if fault == "none":
         assert local_or_downloaded_text(None, target, TINY_SHAKESPEARE_URL) == body.decode("utf-8")
@@ -203,13 +208,34 @@ def test_tiny_shakespeare_download_is_verified_and_atomic(tmp_path, monkeypatch,
             local_or_downloaded_text(None, target, TINY_SHAKESPEARE_URL)
         assert not target.exists()
     assert [p.name for p in tmp_path.iterdir()] == (["input.txt"] if fault == "none" else [])
+    # a network failure or a short read is retried with growing waits; a damaged file is not
+    assert len(attempts) == (4 if fault in ("network", "incomplete") else 1)
+    assert waits == sorted(waits) and len(waits) == len(attempts) - 1
+
+
+def test_a_download_that_fails_once_is_retried_and_succeeds(tmp_path, monkeypatch):
+    body = b"line\n" * 1000
+    responses = [urllib.error.URLError("connection reset"), FakeResponse(body, deliver=10), FakeResponse(body)]
+
+    def urlopen(url, timeout=None):
+        response = responses.pop(0)
+        if isinstance(response, Exception):
+            raise response
+        return response
+
+    monkeypatch.setattr(forge.io.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(forge.io.time, "sleep", lambda s: None)
+    forge.io.download("https://example.com/f.txt", tmp_path / "f.txt", sha256=hashlib.sha256(body).hexdigest())
+    assert (tmp_path / "f.txt").read_bytes() == body and responses == []
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
 @pytest.mark.parametrize("short", [False, True], ids=["complete", "connection_dropped"])
 def test_hellaswag_download_checks_its_length_and_is_atomic(tmp_path, monkeypatch, short):
     body = b'{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}\n' * 50
     response = FakeResponse(body, deliver=len(body) // 2 if short else None)
-    monkeypatch.setattr(forge.hellaswag.urllib.request, "urlopen", lambda url, timeout=None: response)
+    monkeypatch.setattr(forge.io.urllib.request, "urlopen", lambda url, timeout=None: response)
+    monkeypatch.setattr(forge.io.time, "sleep", lambda s: None)
     target = tmp_path / "cache" / "hellaswag_val.jsonl"
     if short:
         with pytest.raises(HellaSwagError, match="could not download"):
