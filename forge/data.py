@@ -316,8 +316,3 @@ class SequentialWindows:
         for i in range(self.batches_per_rank):
             yield self._batch(i * self.world_size + self.rank)
 
-
-def sequential_windows(data_dir, split, block_size, batch_size, rank=0, world_size=1, device="cpu", max_targets=0):
-    """The whole split (or its first max_targets targets) as deterministic sequential windows for this rank."""
-    return SequentialWindows(data_dir, split, block_size, batch_size, rank=rank, world_size=world_size, device=device,
-                             max_targets=max_targets)

@@ -341,17 +341,6 @@ def parallelize(
     return apply_ddp(model, dist)
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The raw model behind a DDP wrapper or a torch.compile OptimizedModule (FSDP2 shards in place)."""
-    while True:
-        if isinstance(module, DistributedDataParallel):
-            module = module.module
-        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
-            module = module._orig_mod
-        else:
-            return module
-
-
 @contextmanager
 def gradient_sync(model: nn.Module, enabled: bool):
     """Around forward AND backward of a micro-step: gradients are synchronised only when enabled.
