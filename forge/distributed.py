@@ -341,6 +341,11 @@ def parallelize(
     return apply_ddp(model, dist)
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The raw model behind a DDP wrapper (compile and FSDP2 work in place: nothing to unwrap)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
 @contextmanager
 def gradient_sync(model: nn.Module, enabled: bool):
     """Around forward AND backward of a micro-step: gradients are synchronised only when enabled.
