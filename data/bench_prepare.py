@@ -156,6 +156,7 @@ def bench_loader(data_dir: Path, batches: int) -> None:
     from forge.data import TokenBatches
 
     loader = TokenBatches(data_dir, "train", 12, 1024, grad_accum_steps=40)
+    rss_before = _rss_mb()
     for _ in range(5):
         loader.next()
     t0 = time.perf_counter()
@@ -166,10 +167,17 @@ def bench_loader(data_dir: Path, batches: int) -> None:
     for i in range(batches):
         loader.get_batch(1000 + i // 40, i % 40)
     direct = batches / (time.perf_counter() - t0)
+    rss_growth = _rss_mb() - rss_before
     loader.close()
     print(f"{data_dir}/train.bin ({loader.num_tokens:,} tokens), batch 12 x 1024, accumulation 40: next() "
           f"{rate:.0f} batches/s ({rate * 12 * 1024 / 1e6:.1f}M tokens/s); get_batch() without prefetch "
-          f"{direct:.0f} batches/s (load {load()})")
+          f"{direct:.0f} batches/s; resident memory grew {rss_growth:.0f} MB (load {load()})")
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux /proc), in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def main(argv=None) -> None:

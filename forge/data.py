@@ -134,19 +134,27 @@ def open_split(data_dir, split: str, meta: dict | None = None) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-class MappedTokens:
-    """A split's token file, memory-mapped anew by each open(): call it for one batch and drop the map after.
+class TokenFile:
+    """A split's token file read with plain file reads into fresh arrays: nothing stays memory-mapped.
 
-    A map held for a whole run keeps every page it touched counted in the process's resident memory, which
-    grows toward the file's size (2 GB on a 2 GB bin; nanoGPT issue 287); a map dropped after each batch
-    leaves the pages to the OS page cache, shared and reclaimable, and costs one mmap call per batch.
+    A memory map held for a run keeps every page it touched counted in the process's resident memory,
+    which grows toward the file's size (2 GB on a 2 GB bin; nanoGPT issue 287). Reads leave the pages to
+    the OS page cache (shared, reclaimable) and cost no more per batch than the held map did; re-mapping
+    per batch (nanoGPT's fix) is flat too but slower (munmap and page faults each time). docs/BENCHMARKS.md.
     """
 
     def __init__(self, tokens: np.memmap):
         self.path, self.dtype = tokens.filename, tokens.dtype
 
-    def open(self) -> np.memmap:
-        return np.memmap(self.path, dtype=self.dtype, mode="r")
+    def windows(self, starts, length: int) -> np.ndarray:
+        """tokens[s : s + length] for each start s, as the rows of a (len(starts), length) array."""
+        out = np.empty((len(starts), length), dtype=self.dtype)
+        with open(self.path, "rb", buffering=0) as f:  # one open per call: safe from the prefetch thread
+            for row, start in zip(out, starts):
+                f.seek(int(start) * self.dtype.itemsize)
+                if f.readinto(row) != row.nbytes:
+                    raise DataError(f"{self.path} became shorter while reading it: was it prepared again?")
+        return out
 
 
 def _check_length(tokens: np.ndarray, path, block_size: int) -> None:
@@ -189,10 +197,10 @@ class TokenBatches:
         self.device = torch.device(device)
         self.meta = load_meta(self.data_dir)
         self.vocab_size = self.meta["vocab_size"]
-        tokens = open_split(self.data_dir, split, self.meta)  # checked once here; each batch maps it anew
+        tokens = open_split(self.data_dir, split, self.meta)  # checked here, then read per batch (TokenFile)
         self.num_tokens = len(tokens)
         _check_length(tokens, self.data_dir / f"{split}.bin", block_size)
-        self._tokens = MappedTokens(tokens)
+        self._tokens = TokenFile(tokens)
         self.micro_steps_per_rank = grad_accum_steps // world_size
         self._split_id = _stable_split_id(split)
         self._step, self._micro = 0, 0  # position of the next next(): optimizer step, this rank's micro-step
@@ -214,8 +222,7 @@ class TokenBatches:
         return draws[first:]
 
     def _cpu_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self._tokens.open()
-        windows = np.stack([tokens[i:i + self.block_size + 1] for i in self.window_offsets(step, micro_step)])
+        windows = self._tokens.windows(self.window_offsets(step, micro_step), self.block_size + 1)
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # model.py views them flat
 
@@ -287,11 +294,11 @@ class SequentialWindows:
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        tokens = open_split(data_dir, split)  # checked once here; each batch maps it anew
+        tokens = open_split(data_dir, split)  # checked here, then read per batch (TokenFile)
         if len(tokens) < 2:
             raise DataError(f"{Path(data_dir) / f'{split}.bin'} has {len(tokens)} token: nothing to predict")
         self.num_targets = len(tokens) - 1  # every token but the first
-        self._tokens = MappedTokens(tokens)
+        self._tokens = TokenFile(tokens)
         if max_targets > 0:  # a quick run: only the first max_targets targets (evaluate.py --limit_tokens)
             self.num_targets = min(self.num_targets, max_targets)
         self.num_windows = -(-self.num_targets // block_size)
@@ -305,11 +312,10 @@ class SequentialWindows:
         T = self.block_size
         x = torch.zeros(self.batch_size, T, dtype=torch.int64)
         y = torch.full((self.batch_size, T), -1, dtype=torch.int64)
-        tokens = self._tokens.open()
         for row, k in enumerate(range(j * self.batch_size, min((j + 1) * self.batch_size, self.num_windows))):
             n = min(T, self.num_targets - k * T)
-            x[row, :n] = torch.from_numpy(tokens[k * T:k * T + n].astype(np.int64))
-            y[row, :n] = torch.from_numpy(tokens[k * T + 1:k * T + n + 1].astype(np.int64))
+            window = torch.from_numpy(self._tokens.windows([k * T], n + 1)[0].astype(np.int64))
+            x[row, :n], y[row, :n] = window[:-1], window[1:]
         return _to_device(x, self.device), _to_device(y, self.device)
 
     def __iter__(self):

@@ -1,8 +1,9 @@
 """The training loader's resident memory stays flat on a large bin (nanoGPT issue 287).
 
 A memory map held for a run keeps every page it touched counted in the process's RSS, which grows
-toward the bin's size; TokenBatches maps the bin anew for each batch. The control (one map held while
-reading the same windows) shows that this machine's RSS does count such pages, so the test can fail.
+toward the bin's size; TokenBatches reads each batch's windows with file reads instead. The control (one
+map held while reading the same windows) shows that this machine's RSS does count such pages, so the
+test can fail.
 """
 import json
 
