@@ -12,9 +12,10 @@ scripts call it. What changes is how the job ends:
 - a worker that crashed or was killed, with no restarts left: one `error:` line naming the rank and
   the exit code or signal (its own output, above, says why), not the ones that lost it (exit 4);
 - a rendezvous that fails (a node never joined, a wrong endpoint): one `error:` line;
-- a mistake in a train.py config (or an accumulation the world size does not divide) is reported
-  before any worker starts (check_before_launch), so it is not retried; --max_restarts is for workers
-  that died or hung (a user error found only inside the workers fails each attempt, then is reported once).
+- a mistake in a train.py setup (its config, an accumulation the world size does not divide, a
+  device or backend the processes cannot use) is reported before any worker starts
+  (check_before_launch), so it is not retried; --max_restarts is for workers that died or hung (a
+  user error found only inside the workers fails each attempt, then is reported once).
 It also gives each worker an equal share of the CPU cores (OMP_NUM_THREADS) unless set, instead of
 torchrun's 1 and its warning, lets workers stopped by SIGTERM (preemption) take
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here 120) to save a checkpoint, and gives each
@@ -55,8 +56,9 @@ class _DropReportedFailures(logging.Filter):
 
 
 def check_before_launch(args) -> None:
-    """Find the mistakes every worker would hit before any starts: the config of a train.py run and a
-    world size that does not divide gradient_accumulation_steps. A UserError (one `error:` line, exit 2).
+    """Find the mistakes every worker would hit before any starts: the config of a train.py run, a world
+    size that does not divide gradient_accumulation_steps, a device or backend the processes cannot use
+    (forge.distributed.check_processes). A UserError (one `error:` line, exit 2).
 
     torchrun restarts a failed worker group whatever the failure and has no public hook to tell it
     otherwise, so a mistake that fails every attempt the same way is caught here, once, instead.
@@ -65,11 +67,15 @@ def check_before_launch(args) -> None:
     if Path(args.training_script).name != "train.py":
         return
     from configurator import accumulation_per_rank, load_config
+    from forge.distributed import check_processes, resolve_device
 
     cfg = load_config(args.training_script_args, prog="train.py")
+    local = _local_processes(args.nproc_per_node)
     min_nodes, _, max_nodes = args.nnodes.partition(":")
+    world_size = int(max_nodes or min_nodes) * local
+    check_processes(resolve_device(cfg.device), None if cfg.backend == "auto" else cfg.backend, world_size, local)
     if not max_nodes or min_nodes == max_nodes:  # a fixed world size (an elastic range is checked by the workers)
-        accumulation_per_rank(cfg.gradient_accumulation_steps, int(min_nodes) * _local_processes(args.nproc_per_node))
+        accumulation_per_rank(cfg.gradient_accumulation_steps, world_size)
 
 
 def _is_cause(failure) -> bool:
