@@ -44,7 +44,7 @@ def with_model_keys(cls):
     """Insert GPTConfig's fields (MODEL_KEYS, defaults from TRAIN_MODEL_DEFAULTS) into cls's annotations just after
     `model_type`, before @dataclass reads them; their --help comments are read from GPTConfig (`keys_from`)."""
     annotations = {}
-    for name, tp in cls.__dict__["__annotations__"].items():
+    for name, tp in inspect.get_annotations(cls).items():  # this class's own, in order
         annotations[name] = tp
         if name == "model_type":
             for f in dataclasses.fields(GPTConfig):
