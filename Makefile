@@ -13,12 +13,15 @@ $(PY):
 
 venv: $(PY)
 
-# torch is pinned; on a machine with a local wheel cache pip takes it from there.
+# torch: any version in pyproject's range. A torch already in the venv that fits it is kept; into an
+# empty venv pip installs TORCH (default: the newest it finds). Pick one with e.g. TORCH=torch==2.11.0.
+TORCH  ?= torch
+
 install: $(PY)
-	$(PY) -m pip install torch==2.13.0 -e '.[hf]'
+	$(PY) -m pip install '$(TORCH)' -e '.[hf]'
 
 install-dev: $(PY)
-	$(PY) -m pip install torch==2.13.0 -e '.[dev]'
+	$(PY) -m pip install '$(TORCH)' -e '.[dev]'
 
 # The GPU baby GPT when CUDA is present, the small CPU configuration otherwise.
 # init_from=auto: running `make run` again resumes (or just samples) instead of starting over.

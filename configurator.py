@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from forge.errors import UserError
+from model import GPTConfig, ModelError
 
 
 MAX_SEED = 2**31 - 1  # seed + rank and seed + the evaluation offset stay within numpy's 32-bit seeds
@@ -36,7 +37,30 @@ class ConfigError(UserError):
     """A config file or override the user can fix: unknown key, wrong type, bad value, missing file."""
 
 
+# TrainConfig's model keys: GPTConfig's fields but vocab_size (the data decides it). Training's default
+# differs for bias only: nanoGPT trains without biases (a bit better and faster); GPTConfig defaults to GPT-2.
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size")
+TRAIN_MODEL_DEFAULTS = {"bias": False}
+
+
+def with_model_keys(cls):
+    """Insert GPTConfig's fields (MODEL_KEYS, defaults from TRAIN_MODEL_DEFAULTS) into cls's annotations just after
+    `model_type`, before @dataclass reads them; their --help comments are read from GPTConfig (`keys_from`)."""
+    annotations = {}
+    for name, tp in inspect.get_annotations(cls).items():  # this class's own, in order
+        annotations[name] = tp
+        if name == "model_type":
+            for f in dataclasses.fields(GPTConfig):
+                if f.name in MODEL_KEYS:
+                    annotations[f.name] = f.type
+                    setattr(cls, f.name, TRAIN_MODEL_DEFAULTS.get(f.name, f.default))
+    cls.__annotations__ = annotations
+    cls.keys_from = GPTConfig
+    return cls
+
+
 @dataclass
+@with_model_keys
 class TrainConfig:
     # I/O
     out_dir: str = "out"  # where ckpt.pt, train_config.json and metrics.jsonl are written (one run at a time)
@@ -59,22 +83,9 @@ class TrainConfig:
     data_dir: str = ""  # explicit data folder; '' means data/<dataset>
     gradient_accumulation_steps: int = 40  # micro-steps per optimizer step, over all ranks together
     batch_size: int = 12  # sequences per micro-step (per rank)
-    block_size: int = 1024  # context length in tokens
-    # model
+    # model: model_type, then GPTConfig's keys (model.py, where they are declared and checked), but
+    # vocab_size, which the data decides; training's own defaults in TRAIN_MODEL_DEFAULTS
     model_type: Literal["gpt", "bigram"] = "gpt"  # 'gpt' (the transformer) or 'bigram' (a lookup-table baseline)
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads per block
-    n_embd: int = 768  # embedding width
-    dropout: float = 0.0  # dropout probability; 0 for pretraining, try 0.1+ for fine-tuning
-    bias: bool = False  # bias in Linear and LayerNorm layers (GPT-2 has them)
-    rotary: bool = False  # rotary position embeddings on queries and keys instead of a learned position table
-    rotary_base: float = 10000.0  # RoPE base (with rotary)
-    rmsnorm: bool = False  # RMSNorm instead of LayerNorm
-    qk_norm: bool = False  # normalise each head's queries and keys before attention
-    mlp: Literal["gelu", "gelu_exact", "relu2", "swiglu"] = "gelu"  # MLP: GPT-2's 4x tanh-GELU, erf GELU (classic nanoGPT), 4x ReLU squared, or SwiGLU
-    untied_head: bool = False  # a separate LM head matrix instead of reusing the token embedding
-    zero_init_proj: bool = False  # attention and MLP output projections start at zero (blocks start as identity)
-    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 is off
     # optimizer
     optimizer: str = "adamw"  # 'adamw' or 'muon' (forge/optim.py)
     muon_lr: float = 0.02  # Muon's lr for the hidden matrices at peak; follows the schedule as lr * muon_lr / learning_rate
@@ -108,11 +119,13 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self)
-        positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                    "block_size", "n_layer", "n_head", "n_embd")
-        for name in positive:
+        for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        try:  # the model keys are checked where they are declared
+            GPTConfig(**{name: getattr(self, name) for name in MODEL_KEYS}, vocab_size=1)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "keep_last", "seed", "eval_hellaswag_interval",
                      "hellaswag_limit"):
             if getattr(self, name) < 0:
@@ -133,13 +146,17 @@ class TrainConfig:
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.eval_hellaswag_interval % self.eval_interval:
             raise ConfigError(f"eval_hellaswag_interval={self.eval_hellaswag_interval} must be a multiple of "
                               f"eval_interval={self.eval_interval}: HellaSwag is scored at evaluation steps")
+
+
+def accumulation_per_rank(gradient_accumulation_steps: int, world_size: int) -> int:
+    """Micro-steps each rank runs per optimizer step (the global count is split across ranks)."""
+    if gradient_accumulation_steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
+                          f"{world_size} processes: make it a multiple of {world_size} (it counts all ranks' micro-steps)")
+    return gradient_accumulation_steps // world_size
 
 
 # ----------------------------------------------------------------------------- types
@@ -159,8 +176,6 @@ def _type_name(tp) -> str:
 def _coerce(value, tp):
     """value as type tp (int -> float where a float is expected), or raise TypeError."""
     origin = typing.get_origin(tp)
-    if tp is typing.Any:
-        return value
     if origin is Literal:
         if any(value == choice and type(value) is type(choice) for choice in typing.get_args(tp)):
             return value
@@ -171,10 +186,6 @@ def _coerce(value, tp):
                 return _coerce(value, arg)
             except TypeError:
                 continue
-        raise TypeError
-    if tp is type(None):
-        if value is None:
-            return None
         raise TypeError
     if tp is bool:  # a real bool only: 1 or 'true' would hide a mistake
         if isinstance(value, bool):
@@ -188,24 +199,14 @@ def _coerce(value, tp):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise TypeError
-    if origin is not None:  # list[int], tuple[float, ...], dict[str, int]: check the container only
-        if isinstance(value, origin):
-            return value
-        raise TypeError
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise TypeError
-    return value
-
-
-def _hints(config_cls) -> dict:
-    return typing.get_type_hints(config_cls)
+    if isinstance(value, tp):  # str and None (the config classes use no other types)
+        return value
+    raise TypeError
 
 
 def check_types(cfg) -> None:
     """Check (and coerce int -> float) every field of a config dataclass instance; ConfigError on a mismatch."""
-    hints = _hints(type(cfg))
+    hints = typing.get_type_hints(type(cfg))
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         setattr(cfg, field.name, _checked(field.name, value, hints[field.name]))
@@ -221,23 +222,27 @@ def _checked(key: str, value, tp):
 # ----------------------------------------------------------------------------- help text
 
 def field_comments(config_cls) -> dict:
-    """{field name: the comment on its line} read from the class source (the one place it is written)."""
+    """{field name: the comment on its line} read from the class source (the one place it is written), and
+    from its `keys_from` class for the fields it takes from there (TrainConfig's model keys: GPTConfig)."""
+    source_cls = config_cls.__dict__.get("keys_from")
+    inherited = field_comments(source_cls) if source_cls is not None else {}
     try:
         source = textwrap.dedent(inspect.getsource(config_cls))
     except (OSError, TypeError):
-        return {}
+        return inherited
     comments = {tok.start[0]: tok.string.lstrip("#").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
     class_def = ast.parse(source).body[0]
-    return {node.target.id: comments[node.lineno] for node in class_def.body
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.lineno in comments}
+    return inherited | {node.target.id: comments[node.lineno] for node in class_def.body
+                        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                        and node.lineno in comments}
 
 
 def help_text(config_cls, prog: str) -> str:
     # a subclass (bench.py's BenchConfig extends TrainConfig) inherits its bases' comments
     comments = {name: text for cls in reversed(config_cls.__mro__) if dataclasses.is_dataclass(cls)
                 for name, text in field_comments(cls).items()}
-    hints = _hints(config_cls)
+    hints = typing.get_type_hints(config_cls)
     lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "",
              "Config files (Python assignments) apply in order, then --key=value overrides.", "", "keys:"]
     fields = dataclasses.fields(config_cls)
@@ -324,7 +329,7 @@ def load_config(argv, config_cls=TrainConfig, prog: str | None = None, base=None
         print(help_text(config_cls, prog))
         raise SystemExit(0)
     known = [f.name for f in dataclasses.fields(config_cls)]
-    hints = _hints(config_cls)
+    hints = typing.get_type_hints(config_cls)
     values: dict = {}
     for arg in argv:
         if arg.startswith("--"):

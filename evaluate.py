@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from configurator import ConfigError, check_types, load_config
-from forge.data import load_meta, open_split, sequential_windows
+from forge.data import SequentialWindows, load_meta, open_split
 from forge.distributed import all_reduce_mean, destroy, init_distributed
 from forge.errors import run_main
 from forge.hellaswag import DEFAULT_CACHE_DIR, check_tokenizer, hellaswag_accuracy, load_hellaswag
@@ -116,8 +116,8 @@ def main(cfg: EvalConfig) -> None:
                 raise ConfigError(f"block_size={block_size} is longer than the model's context "
                                   f"({model.config.block_size}); use {model.config.block_size} or less")
             data_dir = eval_data_dir(cfg, loaded.data_dir)
-            windows = sequential_windows(data_dir, cfg.split, block_size, cfg.batch_size, rank=dist.rank,
-                                         world_size=dist.world_size, device=dist.device, max_targets=cfg.limit_tokens)
+            windows = SequentialWindows(data_dir, cfg.split, block_size, cfg.batch_size, rank=dist.rank,
+                                        world_size=dist.world_size, device=dist.device, max_targets=cfg.limit_tokens)
             # token ids only mean something under the tokenizer the model was trained with (checked against its record)
             check_same_tokenizer(tokenizer_identity(loaded.meta), load_meta(data_dir), str(data_dir), loaded.source,
                                  "evaluate it on data prepared with its own tokenizer")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configurator import ConfigError, TrainConfig, config_dict, load_config
+from configurator import ConfigError, TrainConfig, accumulation_per_rank, config_dict, load_config
 from forge.checkpoint import (CheckpointError, check_model_args, check_training_fits, has_checkpoint,
                               load_checkpoint, load_model_weights, model_args_of, refuse_orphaned_checkpoints,
                               restore_training_state, save_training_state)
@@ -171,14 +171,6 @@ def main(cfg: TrainConfig) -> None:
 
 
 # ------------------------------------------------------------------------ the pieces of main
-
-
-def accumulation_per_rank(gradient_accumulation_steps: int, world_size: int) -> int:
-    """Micro-steps each rank runs per optimizer step (the global count is split across ranks)."""
-    if gradient_accumulation_steps % world_size:
-        raise ConfigError(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
-                          f"{world_size} processes: make it a multiple of {world_size} (it counts all ranks' micro-steps)")
-    return gradient_accumulation_steps // world_size
 
 
 def seed_everything(seed: int) -> None:

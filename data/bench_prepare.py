@@ -6,7 +6,8 @@
     python data/bench_prepare.py loader /tmp/corpus-bins         # batches/s at GPT-2 124M's batch shape
 
 The corpus is real English: documents of 2-20k characters cut at random from Tiny Shakespeare
-(../shared, else downloaded into data/shakespeare_char), so BPE sees realistic text.
+(--text FILE, else data/shakespeare_char/input.txt, downloaded there if missing), so BPE sees
+realistic text.
 """
 import json
 import os
@@ -27,17 +28,15 @@ from forge.tokenize import (TINY_SHAKESPEARE_URL, GPT2Tokenizer, gpt2_meta,  # n
                             local_or_downloaded_text, tokenize_to_bin)
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def load() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1].strip()
 
 
-def make_corpus(out_dir: Path, megabytes: int, seed: int = 0) -> None:
-    """jsonl files of about 50 MB, documents cut at random from Tiny Shakespeare."""
-    text = local_or_downloaded_text(SHAKESPEARE if SHAKESPEARE.is_file() else None,
-                                    REPO / "data" / "shakespeare_char" / "input.txt", TINY_SHAKESPEARE_URL)
+def make_corpus(out_dir: Path, megabytes: int, text_file=None, seed: int = 0) -> None:
+    """jsonl files of about 50 MB, documents cut at random from text_file (default: Tiny Shakespeare)."""
+    text = local_or_downloaded_text(text_file, REPO / "data" / "shakespeare_char" / "input.txt", TINY_SHAKESPEARE_URL)
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, file_index = 0, 0
@@ -157,6 +156,7 @@ def bench_loader(data_dir: Path, batches: int) -> None:
     from forge.data import TokenBatches
 
     loader = TokenBatches(data_dir, "train", 12, 1024, grad_accum_steps=40)
+    rss_before = _rss_mb()
     for _ in range(5):
         loader.next()
     t0 = time.perf_counter()
@@ -167,10 +167,17 @@ def bench_loader(data_dir: Path, batches: int) -> None:
     for i in range(batches):
         loader.get_batch(1000 + i // 40, i % 40)
     direct = batches / (time.perf_counter() - t0)
+    rss_growth = _rss_mb() - rss_before
     loader.close()
     print(f"{data_dir}/train.bin ({loader.num_tokens:,} tokens), batch 12 x 1024, accumulation 40: next() "
           f"{rate:.0f} batches/s ({rate * 12 * 1024 / 1e6:.1f}M tokens/s); get_batch() without prefetch "
-          f"{direct:.0f} batches/s (load {load()})")
+          f"{direct:.0f} batches/s; resident memory grew {rss_growth:.0f} MB (load {load()})")
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux /proc), in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def main(argv=None) -> None:
@@ -179,6 +186,7 @@ def main(argv=None) -> None:
     corpus = modes.add_parser("corpus", help="generate a corpus")
     corpus.add_argument("out_dir", type=Path)
     corpus.add_argument("--mb", type=int, default=300, help="megabytes of text")
+    corpus.add_argument("--text", type=Path, default=None, help="the text to cut documents from (default: Tiny Shakespeare)")
     tokenize = modes.add_parser("tokenize", help="tokens/s of tiktoken alone and of the pipeline")
     tokenize.add_argument("corpus", type=Path)
     tokenize.add_argument("--mb", type=int, default=40, help="megabytes of the corpus to tokenize")
@@ -190,7 +198,7 @@ def main(argv=None) -> None:
     loader.add_argument("--batches", type=int, default=400)
     args = parser.parse_args(argv)
     if args.mode == "corpus":
-        make_corpus(args.out_dir, args.mb)
+        make_corpus(args.out_dir, args.mb, args.text)
     elif args.mode == "tokenize":
         bench_tokenize(args.corpus, args.mb, args.num_proc)
     elif args.mode == "memory":

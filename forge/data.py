@@ -157,6 +157,29 @@ def open_split(data_dir, split: str, meta: dict | None = None) -> np.memmap:
         raise DataError(f"cannot read {path}: {os_reason(exc)}") from None
 
 
+class TokenFile:
+    """A split's token file read with plain file reads into fresh arrays: nothing stays memory-mapped.
+
+    A memory map held for a run keeps every page it touched counted in the process's resident memory,
+    which grows toward the file's size (2 GB on a 2 GB bin; nanoGPT issue 287). Reads leave the pages to
+    the OS page cache (shared, reclaimable) and cost no more per batch than the held map did; re-mapping
+    per batch (nanoGPT's fix) is flat too but slower (munmap and page faults each time). docs/BENCHMARKS.md.
+    """
+
+    def __init__(self, tokens: np.memmap):
+        self.path, self.dtype = tokens.filename, tokens.dtype
+
+    def windows(self, starts, length: int) -> np.ndarray:
+        """tokens[s : s + length] for each start s, as the rows of a (len(starts), length) array."""
+        out = np.empty((len(starts), length), dtype=self.dtype)
+        with open(self.path, "rb", buffering=0) as f:  # one open per call: safe from the prefetch thread
+            for row, start in zip(out, starts):
+                f.seek(int(start) * self.dtype.itemsize)
+                if f.readinto(row) != row.nbytes:
+                    raise DataError(f"{self.path} became shorter while reading it: was it prepared again?")
+        return out
+
+
 def _check_length(tokens: np.ndarray, path, block_size: int) -> None:
     if len(tokens) < block_size + 1:
         raise DataError(f"{path} has {len(tokens):,} tokens but block_size={block_size} needs at least "
@@ -208,9 +231,10 @@ class TokenBatches:
         self.device = torch.device(device)
         self.meta = load_meta(self.data_dir)
         self.vocab_size = self.meta["vocab_size"]
-        self.tokens = open_split(self.data_dir, split, self.meta)  # opened once, shared by every batch
-        self.num_tokens = len(self.tokens)
-        _check_length(self.tokens, self.data_dir / f"{split}.bin", block_size)
+        tokens = open_split(self.data_dir, split, self.meta)  # checked here, then read per batch (TokenFile)
+        self.num_tokens = len(tokens)
+        _check_length(tokens, self.data_dir / f"{split}.bin", block_size)
+        self._tokens = TokenFile(tokens)
         self.micro_steps_per_rank = grad_accum_steps // world_size
         self._split_id = _stable_split_id(split)
         self._step, self._micro = 0, 0  # position of the next next(): optimizer step, this rank's micro-step
@@ -233,7 +257,7 @@ class TokenBatches:
 
     def _cpu_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         offsets = self.window_offsets(step, micro_step)
-        windows = np.stack([self.tokens[i:i + self.block_size + 1] for i in offsets])
+        windows = self._tokens.windows(offsets, self.block_size + 1)
         check_token_ids(windows, offsets, self.vocab_size, self.data_dir / f"{self.split}.bin")
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # model.py views them flat
@@ -308,12 +332,11 @@ class SequentialWindows:
         self.device = torch.device(device)
         meta = load_meta(data_dir)
         self.path, self.vocab_size = Path(data_dir) / f"{split}.bin", meta["vocab_size"]
-        self.tokens = open_split(data_dir, split, meta)
-        if len(self.tokens) < 2:
-            raise DataError(f"{Path(data_dir) / f'{split}.bin'} has {len(self.tokens)} token: nothing to predict")
-        self.num_targets = len(self.tokens) - 1  # every token but the first
-        if max_targets:
-            self.num_targets = min(self.num_targets, max_targets)
+        tokens = open_split(data_dir, split, meta)  # checked here, then read per batch (TokenFile)
+        if len(tokens) < 2:
+            raise DataError(f"{self.path} has {len(tokens)} token: nothing to predict")
+        self.num_targets = len(tokens) - 1  # every token but the first
+        self._tokens = TokenFile(tokens)
         if max_targets > 0:  # a quick run: only the first max_targets targets (evaluate.py --limit_tokens)
             self.num_targets = min(self.num_targets, max_targets)
         self.num_windows = -(-self.num_targets // block_size)
@@ -329,17 +352,13 @@ class SequentialWindows:
         y = torch.full((self.batch_size, T), -1, dtype=torch.int64)
         for row, k in enumerate(range(j * self.batch_size, min((j + 1) * self.batch_size, self.num_windows))):
             n = min(T, self.num_targets - k * T)
-            check_token_ids(self.tokens[None, k * T:k * T + n + 1], [k * T], self.vocab_size, self.path)
-            x[row, :n] = torch.from_numpy(self.tokens[k * T:k * T + n].astype(np.int64))
-            y[row, :n] = torch.from_numpy(self.tokens[k * T + 1:k * T + n + 1].astype(np.int64))
+            window = self._tokens.windows([k * T], n + 1)
+            check_token_ids(window, [k * T], self.vocab_size, self.path)
+            window = torch.from_numpy(window[0].astype(np.int64))
+            x[row, :n], y[row, :n] = window[:-1], window[1:]
         return _to_device(x, self.device), _to_device(y, self.device)
 
     def __iter__(self):
         for i in range(self.batches_per_rank):
             yield self._batch(i * self.world_size + self.rank)
 
-
-def sequential_windows(data_dir, split, block_size, batch_size, rank=0, world_size=1, device="cpu", max_targets=0):
-    """The whole split (or its first max_targets targets) as deterministic sequential windows for this rank."""
-    return SequentialWindows(data_dir, split, block_size, batch_size, rank=rank, world_size=world_size, device=device,
-                             max_targets=max_targets)

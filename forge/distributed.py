@@ -118,6 +118,31 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_processes(device: str, backend: str | None, world_size: int, local_world_size: int) -> str:
+    """The process-group backend for `world_size` processes on `device` (a resolved device), `local_world_size`
+    of them on this node: `backend`, or by default 'nccl' on CUDA and 'gloo' otherwise. A DistributedError for
+    a setup that cannot work. forge.launch runs it before starting any worker, each worker again."""
+    kind = torch.device(device).type
+    backend = backend or ("nccl" if kind == "cuda" else "gloo")
+    if backend not in ("nccl", "gloo"):
+        raise DistributedError(f"backend={backend!r} is not supported; use 'nccl' (GPUs) or 'gloo' (CPU)")
+    if backend == "nccl" and kind != "cuda":
+        raise DistributedError(
+            f"backend='nccl' needs CUDA GPUs but device={device!r}"
+            + ("" if torch.cuda.is_available() else " and this machine has none")
+            + "; use --backend=gloo (CPU) or --device=cuda"
+        )
+    if kind == "mps" and world_size > 1:
+        raise DistributedError("MPS does not support multi-process training; use --device=cpu or one process")
+    if kind == "cuda" and local_world_size > torch.cuda.device_count():
+        n_gpus = torch.cuda.device_count()
+        raise DistributedError(
+            f"{local_world_size} processes on this node but only {n_gpus} GPU(s) visible; "
+            f"launch with --nproc_per_node={n_gpus} (or fewer), or check CUDA_VISIBLE_DEVICES"
+        )
+    return backend
+
+
 def init_distributed(
     device: str = "auto", backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, init_method: str | None = None
 ) -> DistInfo:
@@ -140,26 +165,8 @@ def init_distributed(
             raise DistributedError(f"backend={backend!r} is not supported; use 'nccl' (GPUs) or 'gloo' (CPU)")
         return DistInfo(0, 0, 1, device)
     local_rank = rank if local_rank is None else local_rank
-    local_world_size = _env_int("LOCAL_WORLD_SIZE") or world_size
-    kind = torch.device(device).type
-    backend = backend or ("nccl" if kind == "cuda" else "gloo")
-    if backend not in ("nccl", "gloo"):
-        raise DistributedError(f"backend={backend!r} is not supported; use 'nccl' (GPUs) or 'gloo' (CPU)")
-    if backend == "nccl" and kind != "cuda":
-        raise DistributedError(
-            f"backend='nccl' needs CUDA GPUs but device={device!r}"
-            + ("" if torch.cuda.is_available() else " and this machine has none")
-            + "; use --backend=gloo (CPU) or --device=cuda"
-        )
-    if kind == "mps" and world_size > 1:
-        raise DistributedError("MPS does not support multi-process training; use --device=cpu or one process")
-    if kind == "cuda":
-        n_gpus = torch.cuda.device_count()
-        if local_world_size > n_gpus:
-            raise DistributedError(
-                f"{local_world_size} processes on this node but only {n_gpus} GPU(s) visible; "
-                f"launch with --nproc_per_node={n_gpus} (or fewer), or check CUDA_VISIBLE_DEVICES"
-            )
+    backend = check_processes(device, backend, world_size, _env_int("LOCAL_WORLD_SIZE") or world_size)
+    if torch.device(device).type == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=_timeout_s)
@@ -342,14 +349,8 @@ def parallelize(
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The raw model behind a DDP wrapper or a torch.compile OptimizedModule (FSDP2 shards in place)."""
-    while True:
-        if isinstance(module, DistributedDataParallel):
-            module = module.module
-        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
-            module = module._orig_mod
-        else:
-            return module
+    """The raw model behind a DDP wrapper (compile and FSDP2 work in place: nothing to unwrap)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 @contextmanager

@@ -12,7 +12,10 @@ scripts call it. What changes is how the job ends:
 - a worker that crashed or was killed, with no restarts left: one `error:` line naming the rank and
   the exit code or signal (its own output, above, says why), not the ones that lost it (exit 4);
 - a rendezvous that fails (a node never joined, a wrong endpoint): one `error:` line;
-- a user error is not retried: --max_restarts is for workers that died or hung.
+- a mistake in a train.py setup (its config, an accumulation the world size does not divide, a
+  device or backend the processes cannot use) is reported before any worker starts
+  (check_before_launch), so it is not retried; --max_restarts is for workers that died or hung (a
+  user error found only inside the workers fails each attempt, then is reported once).
 It also gives each worker an equal share of the CPU cores (OMP_NUM_THREADS) unless set, instead of
 torchrun's 1 and its warning, lets workers stopped by SIGTERM (preemption) take
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here 120) to save a checkpoint, and gives each
@@ -24,6 +27,9 @@ import re
 import signal
 import socket
 import sys
+from pathlib import Path
+
+from forge.errors import run_main
 
 # Exit codes of workers under forge.errors.run_main:
 USER_ERROR = 2  # a UserError, reported by rank 0: the same mistake on every attempt
@@ -50,25 +56,27 @@ class _DropReportedFailures(logging.Filter):
         return not self._REPORTED.match(record.getMessage())
 
 
-def _no_restart_after_user_errors() -> None:
-    """Make torchrun's agent give up, not restart, when a worker failed with a user error.
+def check_before_launch(args) -> None:
+    """Find the mistakes every worker would hit before any starts: the config of a train.py run, a world
+    size that does not divide gradient_accumulation_steps, a device or backend the processes cannot use
+    (forge.distributed.check_processes). A UserError (one `error:` line, exit 2).
 
-    torchrun restarts the worker group whatever the failure; a mistake in the config or the data
-    fails the same way on every attempt, printing its line each time. torch has no public hook for
-    this decision, so the agent's monitor (LocalElasticAgent._monitor_workers, torch 2.13) is wrapped
-    here, in the launcher process only; tests/test_distributed_train.py checks the behaviour.
+    torchrun restarts a failed worker group whatever the failure and has no public hook to tell it
+    otherwise, so a mistake that fails every attempt the same way is caught here, once, instead.
+    A user error found only inside the workers is retried up to --max_restarts and then reported once.
     """
-    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    if Path(args.training_script).name != "train.py":
+        return
+    from configurator import accumulation_per_rank, load_config
+    from forge.distributed import check_processes, resolve_device
 
-    monitor = LocalElasticAgent._monitor_workers
-
-    def monitor_workers(self, worker_group):
-        result = monitor(self, worker_group)
-        if result.is_failed() and any(f.exitcode == USER_ERROR for f in result.failures.values()):
-            self._remaining_restarts = 0
-        return result
-
-    LocalElasticAgent._monitor_workers = monitor_workers
+    cfg = load_config(args.training_script_args, prog="train.py")
+    local = _local_processes(args.nproc_per_node)
+    min_nodes, _, max_nodes = args.nnodes.partition(":")
+    world_size = int(max_nodes or min_nodes) * local
+    check_processes(resolve_device(cfg.device), None if cfg.backend == "auto" else cfg.backend, world_size, local)
+    if not max_nodes or min_nodes == max_nodes:  # a fixed world size (an elastic range is checked by the workers)
+        accumulation_per_rank(cfg.gradient_accumulation_steps, world_size)
 
 
 def check_arguments(args) -> str | None:
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
               "(every node runs this launcher with the same --rdzv_endpoint; torchrun gives up after its "
               "rendezvous timeouts)", file=sys.stderr, flush=True)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropReportedFailures())
-    _no_restart_after_user_errors()
+    check_before_launch(args)
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _local_processes(args.nproc_per_node)))
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT_S)
@@ -192,4 +200,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(lambda: sys.exit(main()))

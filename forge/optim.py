@@ -11,7 +11,6 @@ train.py and the checkpoint code see one optimizer whatever the choice.
 """
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.optim.adamw import adamw
 
 from forge.errors import UserError
 
@@ -152,7 +151,7 @@ def orthogonalized_update(update: torch.Tensor, ns_steps: int, ns_split: int = 1
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for the groups with use_muon=True, AdamW (torch's own functional kernel) for the others.
+    """Muon for the groups with use_muon=True, torch.optim.AdamW for the others (sharing their dicts and state).
 
     Muon group keys: lr, momentum, weight_decay (decoupled: p *= 1 - lr * wd), ns_steps, ns_split.
     AdamW group keys: lr, betas, eps, weight_decay. Any group may carry lr_scale (read by the loop).
@@ -166,6 +165,7 @@ class Muon(torch.optim.Optimizer):
         kind_defaults = {True: dict(momentum=0.95, ns_steps=5, ns_split=1), False: dict(betas=(0.9, 0.95), eps=1e-8)}
         param_groups = [{**kind_defaults[bool(g.get("use_muon", True))], **g} for g in param_groups]
         super().__init__(param_groups, dict(lr=0.02, weight_decay=0.0, use_muon=True))
+        self._adamw = None  # torch.optim.AdamW stepping the AdamW groups, made on the first step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -176,8 +176,8 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["use_muon"]:
                 self._muon_step(group)
-            else:
-                self._adamw_step(group)
+        if not all(group["use_muon"] for group in self.param_groups):
+            self._adamw_groups().step()
         return loss
 
     def _muon_step(self, group):
@@ -195,27 +195,11 @@ class Muon(torch.optim.Optimizer):
             p.mul_(1 - lr * group["weight_decay"])
             p.add_(update, alpha=-lr)
 
-    def _adamw_step(self, group):
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:  # the same state layout as torch.optim.AdamW
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        adamw(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-        )
-
+    def _adamw_groups(self) -> torch.optim.AdamW:
+        """torch.optim.AdamW over this optimizer's AdamW groups: the very same group dicts (it adds its own
+        defaults to them) and the same state, so state_dict() holds torch.optim.AdamW's layout. Made anew
+        after load_state_dict, which replaces both."""
+        if self._adamw is None or self._adamw.state is not self.state:
+            self._adamw = torch.optim.AdamW([g for g in self.param_groups if not g["use_muon"]])
+            self._adamw.state = self.state
+        return self._adamw

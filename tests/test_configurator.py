@@ -48,7 +48,7 @@ def test_override_values():
     (["--dtype=fp16"], "dtype must be 'auto' or 'float32' or 'bfloat16' or 'float16', got 'fp16'"),
     (["--compile"], "override '--compile' needs a value"),
     (["-x"], "unrecognised option '-x'"),
-    (["--n_head=5"], "n_embd=768 must be divisible by n_head=5"),
+    (["--n_head=5"], "n_embd=768 is not divisible by n_head=5"),  # GPTConfig checks the model keys
     (["--batch_size=0"], "batch_size=0 must be at least 1"),
     (["--dropout=1.0"], r"dropout=1.0 must be in \[0, 1\)"),
     (["missing.py"], "config file missing.py not found"),

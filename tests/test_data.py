@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from forge.data import DataError, TokenBatches, load_meta, sequential_windows
+from forge.data import DataError, SequentialWindows, TokenBatches, load_meta
 from forge.tokenize import get_tokenizer
 
 
@@ -183,7 +183,7 @@ def test_sequential_windows_predict_every_token_once(tmp_path, world_size):
     folder = make_folder(tmp_path / "seq", tokens)
     targets, counts = [], set()
     for rank in range(world_size):
-        windows = sequential_windows(folder, "val", block_size=8, batch_size=2, rank=rank, world_size=world_size)
+        windows = SequentialWindows(folder, "val", block_size=8, batch_size=2, rank=rank, world_size=world_size)
         batches = list(windows)
         counts.add(len(batches))
         assert len(batches) == len(windows)
@@ -198,7 +198,7 @@ def test_sequential_windows_predict_every_token_once(tmp_path, world_size):
 
 def test_sequential_windows_max_targets(tmp_path):
     folder = make_folder(tmp_path / "seq", np.arange(1, 104))
-    windows = sequential_windows(folder, "val", block_size=8, batch_size=4, max_targets=20)
+    windows = SequentialWindows(folder, "val", block_size=8, batch_size=4, max_targets=20)
     targets = [t for _, y in windows for t in y[y != -1].tolist()]
     assert targets == list(range(2, 22)) and len(windows) == 1
 

@@ -360,7 +360,7 @@ def test_launcher_reports_worker_failures_in_one_line(monkeypatch, capsys, tmp_p
 
     monkeypatch.setattr(torchrun, "run", failing_run)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert launch.main(["--standalone", "--nproc_per_node=2", "train.py"]) == code
+    assert launch.main(["--standalone", "--nproc_per_node=2", "train.py", "--device=cpu"]) == code
     err = capsys.readouterr().err
     assert "Traceback" not in err
     if needles:
@@ -368,6 +368,31 @@ def test_launcher_reports_worker_failures_in_one_line(monkeypatch, capsys, tmp_p
         assert len(lines) == 1 and all(n in lines[0] for n in needles), err
     else:
         assert "error:" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--nproc_per_node=2", "train.py", "--device=cpu", "--n_head=5"], ["n_embd=768", "n_head=5"]),
+        (["--nproc_per_node=2", "train.py", "--device=cpu", "--gradient_accumulation_steps=3"],
+         ["gradient_accumulation_steps=3", "2 processes"]),
+        (["--nnodes=2", "--nproc_per_node=2", "train.py", "--device=cpu", "--gradient_accumulation_steps=6"],
+         ["gradient_accumulation_steps=6", "4 processes"]),
+        (["--nproc_per_node=2", "train.py", "--device=cpu", "--backend=nccl"], ["backend='nccl'", "--backend=gloo"]),
+    ],
+)
+def test_launcher_finds_setup_mistakes_before_starting_workers(monkeypatch, argv, needles):
+    """torchrun would restart the workers on a mistake that fails every attempt alike: none is started."""
+    import torch.distributed.run as torchrun
+
+    from forge import launch
+    from forge.errors import UserError
+
+    started = []
+    monkeypatch.setattr(torchrun, "run", started.append)
+    with pytest.raises(UserError) as raised:
+        launch.main(["--standalone", *argv])
+    assert started == [] and all(n in str(raised.value) for n in needles), raised.value
 
 
 def test_launcher_reports_a_failed_rendezvous_in_one_line(monkeypatch, capsys):

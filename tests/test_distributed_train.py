@@ -218,7 +218,9 @@ run_main(main)
 
 
 def test_user_error_only_a_silent_rank_hits_is_reported_once_by_the_launcher(tmp_path):
-    """run_main prints on local rank 0 only; the launcher prints what rank 1 alone hit, and never restarts it."""
+    """run_main prints on local rank 0 only; the launcher prints what rank 1 alone hit, once, after the restarts
+    torchrun makes whatever the failure (no public hook skips them; forge.launch.check_before_launch
+    catches the mistakes every rank would hit before any worker starts)."""
     script = tmp_path / "only_rank_1_fails.py"
     script.write_text(ONLY_RANK_1_FAILS)
     proc = subprocess.run([sys.executable, "-m", "forge.launch", "--standalone", "--nproc_per_node=2", "--max_restarts=3",
