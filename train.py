@@ -83,12 +83,11 @@ def main(cfg: TrainConfig) -> None:
         module, optimizer = parallelize_and_build_optimizer(cfg, model, dist, dtype)
         iter_num, best_val_loss, wandb_run_id = 0, math.inf, None
         if ckpt is not None:
-            exact = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,
-                                           loader=train_batches, rank=dist.rank, world_size=dist.world_size)
+            not_restored = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,
+                                                  loader=train_batches, rank=dist.rank, world_size=dist.world_size)
             iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt.get("best_val_loss", math.inf))
             wandb_run_id = ckpt.get("wandb_run_id")
-            log.info(f"resuming from {cfg.out_dir} at iter {iter_num}" +
-                     ("" if exact else " (no saved random state for this world size: dropout streams restart)"))
+            log.info(f"resuming from {cfg.out_dir} at iter {iter_num}" + (f" ({not_restored})" if not_restored else ""))
             ckpt = None  # free the memory
         log.info(f"{model_type} model, {model.get_num_params():,} parameters")
 
