@@ -13,8 +13,10 @@ import torch
 import torch.multiprocessing as mp
 
 import train
+from configurator import TrainConfig
 from forge import distributed as D
 from forge.hellaswag import ending_losses
+from forge.metrics import read_metrics
 from model import GPT, GPTConfig
 from tests.util import run_py
 
@@ -123,6 +125,27 @@ def test_ddp_and_fsdp_steps_are_compiled_graphs(tmp_path):
         assert results["ddp"] == ([2, 2], 1)  # the whole model: one graph per micro-step
         calls, compiled = results["fsdp"]
         assert calls == [2 * TINY["n_layer"]] * 2 and compiled >= 1  # FSDP2: one graph per block (torchtitan's way)
+
+
+def test_compiled_run_says_compiling_and_never_times_the_compiling_step(monkeypatch, capsys, tmp_path, tiny_char_data):
+    """The first logged ms/iter and MFU exclude compilation (the eager backend stands in for inductor)."""
+    def parallelize_eagerly(*args, **kwargs):
+        return D.parallelize(*args, **kwargs, compile_options=dict(backend="eager"))
+
+    monkeypatch.setattr(train, "parallelize", parallelize_eagerly)
+    cfg = TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2, gradient_accumulation_steps=1,
+                      max_iters=3, eval_interval=10, eval_iters=1, log_interval=1, device="cpu", dtype="float32",
+                      compile=True, peak_flops=1e12, out_dir=str(tmp_path / "out"), data_dir=str(tiny_char_data))
+    train.main(cfg)
+    lines = capsys.readouterr().out.splitlines()
+    compiling = [i for i, line in enumerate(lines) if line.startswith("compiling...")]
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("iter 0:"))
+    assert len(compiling) == 1 and compiling[0] < first_step
+    assert lines[first_step].endswith("not timed (compiling)") and lines[first_step + 1].startswith("compiled in ")
+    assert "ms/iter" in next(line for line in lines if line.startswith("iter 1:"))
+    steps = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert steps[0]["ms"] is None and steps[0]["mfu"] is None and steps[0]["loss"] > 0
+    assert all(r["ms"] > 0 and r["mfu"] > 0 for r in steps[1:]) and len(steps) == 3
 
 
 def test_compile_without_a_compiler_warns_and_trains_eagerly(tmp_path, tiny_char_data):
