@@ -353,6 +353,30 @@ def test_peak_flops_unknown_device_and_cpu():
 # --- bigram and build_model --------------------------------------------------------------------
 
 
+class AdvancedIndexing(torch.overrides.TorchFunctionMode):
+    """Records tensor indexing by a list or tensor: on a GPU each such index is a host-to-device copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, (list, torch.Tensor)) for i in index):
+                self.seen.append(index)
+        return func(*args, **(kwargs or {}))
+
+
+def test_decoding_indexes_without_host_to_device_copies():
+    """Every decoding step (KV cache, sampling with top_k/top_p, the window sliding) indexes by slices only."""
+    prompt = tokens(2, 5)
+    for model in (make_gpt(), model_module.BigramLanguageModel(50, block_size=16)):
+        with AdvancedIndexing() as watch:
+            model.generate(prompt, 14, temperature=0.8, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(0))
+        assert watch.seen == [], type(model).__name__
+
+
 def test_bigram_forward_and_generate():
     torch.manual_seed(0)
     bigram = BigramLanguageModel(vocab_size=20, block_size=8)
