@@ -281,7 +281,7 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The LM head and cross-entropy in chunks (training): the full (B*T, V) logits never exist at once
 
-CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 128M elements (a 512 MB float32 block); at most MAX_CHUNKS chunks
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 32M elements (a 128 MB float32 block), unless MAX_CHUNKS caps the count
 MAX_CHUNKS = 32  # each chunk is one unrolled step in a compiled graph
 
 
