@@ -309,7 +309,7 @@ def _chunk_losses(x, weight, targets, softcap, grads):
         g = g * valid.unsqueeze(1)
         if softcap:
             g = g * (1 - tanh * tanh)
-        g = g.to(weight.dtype)  # the matmuls below run in the dtype of the forward's (autocast casts as it does there)
+        g = g.to(weight.dtype)  # the matmuls below run as the forward's did (autocast casts them alike)
         grad_x.append(g @ weight)  # (n, C)
         partial = g.t() @ x_c  # (V, C)
         grad_w = partial.float() if grad_w is None else grad_w + partial.float()
@@ -524,8 +524,8 @@ class GPT(LanguageModel):
         if kv_cache is not None:
             kv_cache.advance(T)
         if targets is not None and not return_logits:
-            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.logit_softcap)
-            return None, loss
+            cap = self.config.logit_softcap
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), cap)
         if targets is None:
             x = x[:, -1:, :]  # inference: only the last position's logits; the slice keeps the time dim
         logits = self.lm_head(x)  # (B, T, V) or (B, 1, V)
