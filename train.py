@@ -150,8 +150,8 @@ def main(cfg: TrainConfig) -> None:
                 dt = (time.time() - timer_start) / timer_steps
                 if iter_num % cfg.log_interval == 0:
                     mfu = model.estimate_mfu(tokens_per_iter / dist.world_size, dt, peak_flops) if peak_flops else None
-                    log.log_step(iter_num, loss_mean, lr, grad_norm_mean, *((None, None, None) if compiling else
-                                                                            (dt * 1000, tokens_per_iter / dt, mfu)))
+                    timing = (None, None, None) if compiling else (dt * 1000, tokens_per_iter / dt, mfu)
+                    log.log_step(iter_num, loss_mean, lr, grad_norm_mean, *timing)
                 if compiling:  # this step compiled: the clock starts now
                     log.info(f"compiled in {time.time() - compile_start:.1f} s")
                 timer_start, timer_steps, compiling = time.time(), 0, False
