@@ -65,7 +65,7 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"  # where ckpt.pt, train_config.json and metrics.jsonl are written (one run at a time)
     eval_interval: int = 2000  # evaluate (and maybe checkpoint) every this many iterations
-    log_interval: int = 1  # print and record a training line every this many iterations
+    log_interval: int = 10  # print and record a training line every this many iterations (each line is a host sync)
     eval_iters: int = 200  # batches per split for each evaluation
     eval_only: bool = False  # evaluate once at the start, then exit
     always_save_checkpoint: bool = True  # save at every evaluation, not only when val loss improves

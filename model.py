@@ -155,25 +155,40 @@ class KVCache:
         self.pos += n_tokens
 
 
-def causal_attention(q, k, v, dropout_p):
+def matmul_attention_wanted(device) -> bool:
+    """True where plain batched matmuls beat SDPA: a CPU computing float32 matmuls with bf16 products.
+
+    That is torch.set_float32_matmul_precision("medium") on a CPU (forge/precision.py): SDPA's math
+    kernel would compute in exact float32 and its flash kernel's many tiny matmuls crawl there, so
+    two batched matmuls with an additive mask run ~2x faster (docs/BENCHMARKS.md).
+    """
+    return torch.device(device).type == "cpu" and torch.get_float32_matmul_precision() == "medium"
+
+
+def causal_attention(q, k, v, dropout_p, matmul=None):
     """softmax(q k^T / sqrt(hs) + causal mask) v for q (B, nh, T, hs) and k, v (B, nh, S, hs).
 
     Either S == T (training, or a prompt filling an empty KV cache) or T == 1 (one new token, which
-    attends to the whole cache).
+    attends to the whole cache). matmul: use two batched matmuls instead of SDPA; None decides by
+    matmul_attention_wanted() on each call (eager use; a compiled model has it decided beforehand,
+    see GPT.choose_attention_kernel).
     """
     B, nh, T, hs = q.size()
     S = k.size(2)
-    if q.device.type == "cpu" and torch.get_float32_matmul_precision() == "medium":
-        # bf16 matmul products on a CPU (forge/precision.py): SDPA's math kernel would compute in exact
-        # float32 and its flash kernel's many tiny matmuls crawl there, so two plain batched matmuls
-        # with an additive mask run ~2x faster (docs/BENCHMARKS.md)
+    if matmul is None:
+        matmul = matmul_attention_wanted(q.device)
+    if matmul:
         mask = torch.full((T, S), float("-inf"), device=q.device, dtype=q.dtype).triu(S - T + 1)  # 0 where seen
         att = torch.baddbmm(mask, q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2),
                             alpha=1.0 / math.sqrt(hs))  # (B * nh, T, S)
         att = F.dropout(F.softmax(att, dim=-1), dropout_p)
         return torch.bmm(att, v.reshape(B * nh, S, hs)).view(B, nh, T, hs)
-    # flash/memory-efficient kernels where available; a single new token needs no mask
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+    # flash/memory-efficient kernels where available; a single new token needs no mask. A Python branch,
+    # not is_causal=T > 1: under torch.compile with dynamic shapes (variable-width evaluation) T is
+    # symbolic, SDPA rejects a symbolic is_causal, and the whole forward would fall back to eager
+    if T > 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
 class CausalSelfAttention(nn.Module):
@@ -192,6 +207,7 @@ class CausalSelfAttention(nn.Module):
         head_size = config.n_embd // config.n_head
         self.q_norm = make_norm(config, head_size) if config.qk_norm else None
         self.k_norm = make_norm(config, head_size) if config.qk_norm else None
+        self.matmul_attention = None  # None: decided per call; True/False: fixed (GPT.choose_attention_kernel)
 
     def forward(self, x, kv_cache=None, rope=None):
         B, T, C = x.size()  # batch, sequence length, n_embd
@@ -206,7 +222,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, pos+T, hs)
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0, self.matmul_attention)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -256,6 +272,76 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), kv_cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM head and cross-entropy in chunks (training): the full (B*T, V) logits never exist at once
+
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 32M elements (a 128 MB float32 block), unless MAX_CHUNKS caps the count
+MAX_CHUNKS = 32  # each chunk is one unrolled step in a compiled graph
+
+
+def _chunk_losses(x, weight, targets, softcap, grads):
+    """Per chunk of rows: (summed loss, grad wrt x or None, grad wrt weight or None), grads of the summed loss.
+
+    x (N, C), weight (V, C), targets (N,) with -1 ignored. Logits are float32 only one chunk at a time.
+    """
+    n_chunks = min(MAX_CHUNKS, max(1, -(-x.size(0) * weight.size(0) // CHUNK_ELEMENTS)))
+    loss = x.new_zeros((), dtype=torch.float32)
+    grad_x, grad_w = [], None
+    for x_c, y_c in zip(x.chunk(n_chunks), targets.chunk(n_chunks)):
+        logits = F.linear(x_c, weight).float()  # (n, V)
+        if softcap:
+            tanh = torch.tanh(logits / softcap)
+            logits = softcap * tanh
+        valid = y_c != -1
+        target = y_c.clamp(min=0).unsqueeze(1)  # an ignored row picks class 0, then counts 0
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = loss + ((lse - logits.gather(1, target).squeeze(1)) * valid).sum()
+        if not grads:
+            continue
+        # d loss / d logits = softmax - one_hot(target), zero on ignored rows; through the softcap x (1 - tanh^2)
+        g = torch.exp(logits - lse.unsqueeze(1)).scatter_add(1, target, -torch.ones_like(target, dtype=logits.dtype))
+        g = g * valid.unsqueeze(1)
+        if softcap:
+            g = g * (1 - tanh * tanh)
+        g = g.to(weight.dtype)  # the matmuls below run as the forward's did (autocast casts them alike)
+        grad_x.append(g @ weight)  # (n, C)
+        partial = g.t() @ x_c  # (V, C)
+        grad_w = partial.float() if grad_w is None else grad_w + partial.float()
+    return loss, (torch.cat(grad_x) if grads else None), grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the head's logits; forward also makes the gradients, chunk by chunk,
+    so backward keeps no logits (a scalar times the saved gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap):
+        loss, grad_x, grad_w = _chunk_losses(x, weight, targets, softcap, grads=True)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return (grad_x.float() * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]), None, None
+
+
+def linear_cross_entropy(x, weight, targets, softcap=0.0):
+    """F.cross_entropy(softcap(x @ weight^T), targets, ignore_index=-1) (mean over the counted targets),
+    computed a chunk of rows at a time, so the (N, V) float32 logits are never materialised.
+
+    x (N, C), weight (V, C), targets (N,). Gradients equal the plain path's (float32 softmax, the
+    matmuls in the forward's dtype); with gradients on, they are made during forward (no recomputation).
+    """
+    count = (targets != -1).sum()
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        total = _LinearCrossEntropy.apply(x, weight, targets, softcap)
+    else:
+        total = _chunk_losses(x, weight, targets, softcap, grads=False)[0]
+    return total / count  # 0 counted targets: nan, as F.cross_entropy
 
 
 class LanguageModel(nn.Module):
@@ -315,7 +401,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature  # float32: softmax of bf16 logits loses the tail
     if top_k is not None:
-        kth_largest = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, [-1]]  # (B, 1)
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
@@ -394,12 +480,23 @@ class GPT(LanguageModel):
                 n_params -= self.transformer.wte.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def choose_attention_kernel(self):
+        """Fix each block's attention kernel (SDPA or plain matmuls) for this device and float32 matmul
+        precision now, instead of on every call: call it after moving the model and before
+        torch.compile, in whose graph reading the precision would be a graph break per layer."""
+        matmul = matmul_attention_wanted(next(self.parameters()).device)
+        for block in self.transformer.h:
+            block.attn.matmul_attention = matmul
+
+    def forward(self, idx, targets=None, kv_cache=None, return_logits=True):
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T): logits (B, T, V) and the mean cross-entropy, ignoring targets of -1.
         Without: logits of the last position only (B, 1, V) and loss None, the cheap inference path.
         kv_cache: a KVCache to read and extend (used by stream()); positions continue from it.
+        return_logits=False (with targets; what training and loss evaluation use): (None, loss), the
+        head and loss computed in chunks (linear_cross_entropy), so the (B, T, V) logits, the largest
+        tensor of a GPT-2 step, are never materialised; the loss and gradients are the same.
         """
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.pos
@@ -421,8 +518,11 @@ class GPT(LanguageModel):
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if targets is not None and not return_logits:
+            cap = self.config.logit_softcap
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), cap)
         if targets is None:
-            x = x[:, [-1], :]  # inference: only the last position's logits; the list keeps the time dim
+            x = x[:, -1:, :]  # inference: only the last position's logits; the slice keeps the time dim
         logits = self.lm_head(x)  # (B, T, V) or (B, 1, V)
         if self.config.logit_softcap:
             cap = self.config.logit_softcap
@@ -558,13 +658,14 @@ class BigramLanguageModel(LanguageModel):
         self.logits_table = nn.Embedding(vocab_size, vocab_size)  # row t: logits of the token after t
         nn.init.normal_(self.logits_table.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
-        """Same contract as GPT.forward: (B, T, V) logits and the loss with targets, else (B, 1, V)."""
+    def forward(self, idx, targets=None, return_logits=True):
+        """Same contract as GPT.forward: (B, T, V) logits (None if not return_logits) and the loss with
+        targets, else (B, 1, V)."""
         if targets is not None:
             logits = self.logits_table(idx)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-            return logits, loss
-        return self.logits_table(idx[:, [-1]]), None  # (B, 1, V)
+            return (logits if return_logits else None), loss
+        return self.logits_table(idx[:, -1:]), None  # (B, 1, V)
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, vocab_size=None):

@@ -24,8 +24,8 @@ from forge.checkpoint import (CheckpointError, check_model_args, check_training_
                               restore_training_state, save_training_state)
 from forge.cpu import retain_freed_memory
 from forge.data import TokenBatches, load_meta
-from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, parallelize,
-                               restart_count)
+from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, is_compiled,
+                               parallelize, restart_count)
 from forge.errors import is_rank_zero, run_main
 from forge.flops import device_peak_flops
 from forge.hellaswag import HellaSwagTask
@@ -89,12 +89,11 @@ def main(cfg: TrainConfig) -> None:
         module, optimizer = parallelize_and_build_optimizer(cfg, model, dist, dtype)
         iter_num, best_val_loss, wandb_run_id = 0, math.inf, None
         if ckpt is not None:
-            exact = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,
-                                           loader=train_batches, rank=dist.rank, world_size=dist.world_size)
+            not_restored = restore_training_state(ckpt, model=model, optimizer=optimizer, scaler=scaler,
+                                                  loader=train_batches, rank=dist.rank, world_size=dist.world_size)
             iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt.get("best_val_loss", math.inf))
             wandb_run_id = ckpt.get("wandb_run_id")
-            log.info(f"resuming from {cfg.out_dir} at iter {iter_num}" +
-                     ("" if exact else " (no saved random state for this world size: dropout streams restart)"))
+            log.info(f"resuming from {cfg.out_dir} at iter {iter_num}" + (f" ({not_restored})" if not_restored else ""))
             ckpt = None  # free the memory
         log.info(f"{model_type} model, {model.get_num_params():,} parameters")
 
@@ -118,7 +117,12 @@ def main(cfg: TrainConfig) -> None:
 
         # -------------------------------------------------------------------- the loop
         start_iter = iter_num
-        timer_start, timer_steps = time.time(), 0
+        compiling = is_compiled(model)  # the first evaluation and training step compile: not timed
+        if compiling:
+            log.info("compiling... (torch.compile: the first evaluation and training step take longer, minutes on a "
+                     "CPU; ms/iter and MFU count from the step after)")
+        compile_start = timer_start = time.time()
+        timer_steps = 0
         while True:
             lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) \
                 if cfg.decay_lr else cfg.learning_rate
@@ -144,16 +148,20 @@ def main(cfg: TrainConfig) -> None:
             bad_step = torch.where((bad_step < 0) & ~finite, iter_num, bad_step)
             timer_steps += 1
 
-            if iter_num % cfg.log_interval == 0:  # the only host-device sync of a training step
+            if iter_num % cfg.log_interval == 0 or compiling:  # the only host-device syncs of training
                 loss_mean, grad_norm_mean, bad, bad_at = all_reduce_mean(
                     torch.stack([loss.float(), grad_norm.float(), (bad_step >= 0).float(),
                                  (bad_step >= 0) * bad_step.float()])).tolist()
                 if bad:
                     raise_nonfinite(round(bad_at / bad), cfg.out_dir)
                 dt = (time.time() - timer_start) / timer_steps
-                mfu = model.estimate_mfu(tokens_per_iter / dist.world_size, dt, peak_flops) if peak_flops else None
-                log.log_step(iter_num, loss_mean, lr, grad_norm_mean, dt * 1000, tokens_per_iter / dt, mfu)
-                timer_start, timer_steps = time.time(), 0
+                if iter_num % cfg.log_interval == 0:
+                    mfu = model.estimate_mfu(tokens_per_iter / dist.world_size, dt, peak_flops) if peak_flops else None
+                    timing = (None, None, None) if compiling else (dt * 1000, tokens_per_iter / dt, mfu)
+                    log.log_step(iter_num, loss_mean, lr, grad_norm_mean, *timing)
+                if compiling:  # this step compiled: the clock starts now
+                    log.info(f"compiled in {time.time() - compile_start:.1f} s")
+                timer_start, timer_steps, compiling = time.time(), 0, False
             iter_num += 1
 
             if any_rank(stop.requested):  # preemption or Ctrl-C: finish this step, save, exit 0
@@ -327,7 +335,7 @@ def train_step(module, optimizer, scaler, batches, grad_accum: int, ctx, grad_cl
         x, y = batches.next()
         with gradient_sync(module, enabled=(micro_step == grad_accum - 1)):  # all-reduce on the last only
             with ctx:
-                _, loss = module(x, y)
+                _, loss = module(x, y, return_logits=False)  # the loss without materialising the logits
                 loss = loss / grad_accum  # the gradients sum over micro-steps: scale to their mean
             scaler.scale(loss).backward()
         loss_sum = loss_sum + loss.detach()
@@ -367,7 +375,7 @@ def evaluate(module, eval_batches: dict, eval_iters: int, ctx, rank: int, world_
         for k in range(rank, -(-eval_iters // world_size) * world_size, world_size):
             x, y = batches.get_batch(k % eval_iters, 0)
             with ctx:
-                _, loss = module(x, y)
+                _, loss = module(x, y, return_logits=False)
             weight = float(k < eval_iters)
             total += torch.stack([loss.float() * weight, torch.tensor(weight, device=total.device)])
         total = all_reduce_mean(total)

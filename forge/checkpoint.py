@@ -348,17 +348,28 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what rng_state() captured (CUDA states only where this process has the same GPUs)."""
+def set_rng_state(state: dict) -> str | None:
+    """Restore what rng_state() captured; returns what could not be restored (None: everything).
+
+    CUDA states are per device index: those of the GPUs this process sees are restored (a job with
+    fewer or more visible GPUs restores the indices both have), and the rest is named in the result.
+    """
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["cached_gaussian"]))
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    saved = state.get("cuda") or []
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, cuda_state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(cuda_state, index)
+    if len(saved) > visible:
+        return (f"the CUDA random states of GPU(s) {', '.join(map(str, range(visible, len(saved))))} were saved but "
+                f"this process sees {visible} GPU(s): dropout on them restarts its stream")
+    if saved and len(saved) < visible:
+        return f"no saved CUDA random state for GPU(s) {', '.join(map(str, range(len(saved), visible)))}"
+    return None
 
 
 def gather_rng_states() -> list:
@@ -373,12 +384,16 @@ def gather_rng_states() -> list:
     return gathered or []
 
 
-def restore_rng_states(states, rank: int, world_size: int) -> bool:
-    """Set this rank's saved generator states; False (nothing set) when the world size changed."""
-    if not isinstance(states, list) or len(states) != world_size:
-        return False
-    set_rng_state(states[rank])
-    return True
+def restore_rng_states(states, rank: int, world_size: int) -> str | None:
+    """Set this rank's saved generator states; returns what could not be restored (None: all of it).
+
+    Nothing is set when the checkpoint has no states or was saved by another number of processes.
+    """
+    if not isinstance(states, list) or not states:
+        return "the checkpoint has no saved random state: dropout streams restart"
+    if len(states) != world_size:
+        return f"random states were saved by {len(states)} process(es), not {world_size}: dropout streams restart"
+    return set_rng_state(states[rank])
 
 
 # ----------------------------------------------------------------------------- training state
@@ -416,8 +431,9 @@ def save_training_state(out_dir, *, model, optimizer, scaler, loader, keep_last:
 
 def restore_training_state(ckpt: dict, *, model, optimizer, scaler, loader, rank: int, world_size: int) -> bool:
     """Load the optimizer, loss scaler, loader position and RNG state of a checkpoint (the model's
-    weights are loaded before parallelize). Returns whether the random streams were restored exactly
-    (False when the world size changed). Old nanoGPT checkpoints, with fewer entries, load too."""
+    weights are loaded before parallelize). Returns what of the random streams could not be restored
+    (None: all, an exact resume), e.g. after a change of world size. Old nanoGPT checkpoints, with fewer
+    entries, load too."""
     from forge.distributed import load_full_optimizer_state_dict
 
     if ckpt.get("optimizer"):

@@ -23,7 +23,9 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import sys
 import types
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -39,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
-from forge.errors import UserError, register_error_translator
+from forge.errors import UserError, is_rank_zero, register_error_translator
 from forge.io import first_line
 
 DEFAULT_TIMEOUT_S = 900.0  # long enough for rank 0 to write a GPT-2 XL checkpoint while the others wait
@@ -113,6 +115,11 @@ def resolve_device(device: str) -> str:
         raise DistributedError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if kind == "cuda" and not torch.cuda.is_available():
         raise DistributedError(f"device={device!r} but this machine has no usable CUDA GPU; use --device=cpu (or auto)")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise DistributedError(f"device={device!r} but this machine shows {torch.cuda.device_count()} CUDA GPU(s) "
+                               f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}); use --device=cuda or check "
+                               "CUDA_VISIBLE_DEVICES")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
         raise DistributedError(f"device={device!r} but MPS is not available here; use --device=cpu (or auto)")
     return device
@@ -267,15 +274,56 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_compile(model: nn.Module, per_block: bool = False) -> nn.Module:
-    """torch.compile in place (module.compile()): the module keeps its class and its parameter names.
+def compile_problem(device, backend="inductor") -> str | None:
+    """Why torch.compile cannot work on this device here, in one line (no C compiler for inductor's
+    CPU kernels or Triton's launchers, Windows without Triton, ...); None when it works.
+
+    A tiny function is compiled and run on the device: the same toolchain a model needs, in ~1 s.
+    """
+    try:
+        torch.compile(_compile_probe, fullgraph=True, backend=backend)(torch.ones(8, device=device))
+    except Exception as exc:  # inductor and triton raise many kinds (InductorError, CalledProcessError, ...)
+        cause = getattr(exc, "inner_exception", None) or exc  # what the backend raised, without dynamo's advice
+        first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+        return f"{type(cause).__name__}: {first}"[:300]
+    return None
+
+
+def _compile_probe(x):
+    return torch.nn.functional.gelu(x * 2 + 1).sum()
+
+
+def apply_compile(model: nn.Module, per_block: bool = False, **options) -> bool:
+    """torch.compile in place (module.compile(**options)): the module keeps its class and its parameter names.
 
     per_block: compile each transformer block on its own (torchtitan's way under FSDP2, whose
     per-block all-gather hooks then stay outside the compiled graphs); else the whole model.
+    The attention kernel is chosen first (GPT.choose_attention_kernel), outside the compiled graph.
+    Where torch.compile cannot work (compile_problem), one warning line and the model stays eager.
+    Returns whether the model was compiled.
     """
-    for module in (_blocks(model, "per-block compile") if per_block else [model]):
-        module.compile()
-    return model
+    modules = _blocks(model, "per-block compile") if per_block else [model]
+    problem = compile_problem(next(model.parameters()).device, options.get("backend", "inductor"))
+    if problem is not None:
+        if is_rank_zero():
+            print(f"warning: compile=True but torch.compile cannot work here ({problem}); training without it "
+                  "(eager, slower). Install a C compiler (e.g. gcc) or set --compile=False to silence this",
+                  file=sys.stderr, flush=True)
+        return False
+    if hasattr(model, "choose_attention_kernel"):
+        model.choose_attention_kernel()
+    for module in modules:
+        module.compile(**options)
+    _compiled.add(model)
+    return True
+
+
+_compiled = weakref.WeakSet()  # models apply_compile compiled
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether apply_compile compiled this raw model (or its blocks)."""
+    return model in _compiled
 
 
 def apply_ddp(model: nn.Module, dist: DistInfo) -> nn.Module:
@@ -309,8 +357,9 @@ def apply_fsdp(
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-    # The root holds the embeddings, the final norm and the (tied) head.
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    # The root holds the embeddings, the final norm and the (tied) head: gathered once per step and kept
+    # for backward (reshard_after_forward=False, as torchtitan does), since backward starts with the head
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     return model
 
 
@@ -323,6 +372,7 @@ def parallelize(
     activation_checkpointing: bool = False,
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = None,
+    compile_options: dict | None = None,
 ) -> nn.Module:
     """Apply activation checkpointing, compile, then DDP or FSDP2; return the module the loop calls.
 
@@ -331,6 +381,7 @@ def parallelize(
     compile works in place, so its parameter names never gain prefixes.
     param_dtype (the training dtype) and reduce_dtype are FSDP2's mixed-precision policy; DDP and
     one process keep fp32 parameters and compute in the autocast dtype, so they ignore them.
+    compile_options: keyword arguments for torch.compile (e.g. fullgraph=True, backend=...).
     """
     if parallelism not in PARALLELISMS:
         raise DistributedError(f"parallelism={parallelism!r} is not supported; use one of {', '.join(PARALLELISMS)}")
@@ -340,7 +391,7 @@ def parallelize(
         apply_activation_checkpointing(model)
     sharded = parallelism == "fsdp" and dist.is_distributed and _is_initialized()
     if compile:
-        apply_compile(model, per_block=sharded)
+        apply_compile(model, per_block=sharded, **(compile_options or {}))
     if not dist.is_distributed or not _is_initialized():
         return model
     if parallelism == "fsdp":

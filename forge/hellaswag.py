@@ -231,7 +231,9 @@ class HellaSwagTask:
 
     def scores(self, model, device, rank: int = 0, world_size: int = 1, autocast=nullcontext()) -> dict:
         """{'hellaswag_acc': ..., 'hellaswag_acc_norm': ...}, the same on every rank (pass the raw model:
-        FSDP2 shards it in place, and an uncompiled model does not recompile for every example length)."""
+        FSDP2 shards it in place). A model compiled in place sees a new width per batch: after the second,
+        torch.compile makes one dynamic-width graph for them, and training's own graph is kept (model.py
+        branches on the sequence length in Python, so nothing falls back to eager; tests/test_compile.py)."""
         acc, acc_norm = hellaswag_accuracy(model, self.examples, self.tokenizer, device, rank, world_size,
                                            autocast=autocast)
         return {"hellaswag_acc": acc, "hellaswag_acc_norm": acc_norm}

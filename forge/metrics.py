@@ -138,14 +138,15 @@ class MetricsLog:
         if self._wandb_run is not None:
             self._wandb_run.log({k: v for k, v in record.items() if v is not None})
 
-    def log_step(self, iter_num: int, loss: float, lr: float, grad_norm: float, ms: float, tokens_per_sec: float,
-                 mfu=None) -> None:
-        """One training line: loss, lr, gradient norm before clipping, ms/iter, tokens/s, MFU (None: unknown)."""
+    def log_step(self, iter_num: int, loss: float, lr: float, grad_norm: float, ms, tokens_per_sec, mfu=None) -> None:
+        """One training line: loss, lr, gradient norm before clipping, ms/iter, tokens/s, MFU (None: unknown).
+
+        ms None: a step that is not timed (it compiled the model); tokens/s and MFU are then None too."""
         if not self.enabled:
             return
         mfu_text = f", mfu {mfu * 100:.2f}%" if mfu is not None else ""
-        self.info(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, grad norm {grad_norm:.3f}, "
-                  f"{ms:.1f} ms/iter, {tokens_per_sec:,.0f} tok/s{mfu_text}")
+        timing = f"{ms:.1f} ms/iter, {tokens_per_sec:,.0f} tok/s{mfu_text}" if ms is not None else "not timed (compiling)"
+        self.info(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, grad norm {grad_norm:.3f}, {timing}")
         self._record({"iter": iter_num, "loss": _json_number(loss), "lr": lr, "grad_norm": _json_number(grad_norm),
                       "ms": ms, "tokens_per_sec": tokens_per_sec, "mfu": _json_number(mfu),
                       "time_s": time.time() - PROCESS_START})

@@ -10,6 +10,7 @@ blocks); embeddings, the lm_head and every 1-D gain or bias keep AdamW, in the s
 train.py and the checkpoint code see one optimizer whatever the choice.
 """
 import torch
+import torch.distributed as tdist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from forge.errors import UserError
@@ -132,22 +133,49 @@ def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, dtype=None) -> t
     return X if wide else X.mT
 
 
-def orthogonalized_update(update: torch.Tensor, ns_steps: int, ns_split: int = 1) -> torch.Tensor:
-    """The Muon update for a (rows, cols) momentum: Newton-Schulz orthogonalised, scaled by
+def orthogonalized_updates(updates: list, ns_steps: int, ns_split: int = 1) -> list:
+    """The Muon update of each (rows, cols) momentum in `updates`: Newton-Schulz orthogonalised, scaled by
     sqrt(max(1, rows / cols)) so tall matrices get the same per-element size as square ones (Keller
     Jordan's scaling), in the update's dtype. ns_split=k orthogonalises k stacked row blocks separately.
 
-    A DTensor (FSDP2 shard) is gathered whole, orthogonalised, and this rank's shard of the result is
-    returned with the same placements (uneven shards included): orthogonalisation is not elementwise.
+    Matrices of one shape are orthogonalised as one batch (a kernel per Newton-Schulz matmul, not one per
+    matrix). In a process group each rank orthogonalises its share of every batch and an all-gather hands
+    all of them to every rank (modded-nanogpt's split of the work), so the result is one process's.
+    A DTensor (FSDP2 shard) is gathered whole first (orthogonalisation is not elementwise) and this rank's
+    shard of its result returned with the same placements (uneven shards included).
     """
-    if isinstance(update, DTensor):
-        full = orthogonalized_update(update.full_tensor(), ns_steps, ns_split)
-        return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
-    rows, cols = update.shape
-    blocks = update.reshape(ns_split, rows // ns_split, cols) if ns_split > 1 else update
-    ortho = zeropower_via_newtonschulz(blocks, ns_steps)
-    scale = max(1.0, blocks.size(-2) / blocks.size(-1)) ** 0.5
-    return (ortho * scale).reshape(rows, cols).to(update.dtype)
+    full = [u.full_tensor() if isinstance(u, DTensor) else u for u in updates]
+    by_shape = {}
+    for i, matrix in enumerate(full):
+        by_shape.setdefault(tuple(matrix.shape), []).append(i)
+    results = [None] * len(updates)
+    for (rows, cols), indices in by_shape.items():
+        blocks = torch.stack([full[i] for i in indices]).reshape(len(indices) * ns_split, rows // ns_split, cols)
+        ortho = split_across_ranks(blocks, lambda batch: zeropower_via_newtonschulz(batch, ns_steps))
+        ortho = ortho * max(1.0, blocks.size(-2) / blocks.size(-1)) ** 0.5
+        for i, result in zip(indices, ortho.reshape(len(indices), rows, cols)):
+            update, result = updates[i], result.to(updates[i].dtype)
+            if isinstance(update, DTensor):
+                result = distribute_tensor(result, update.device_mesh, update.placements, src_data_rank=None)
+            results[i] = result
+    return results
+
+
+def split_across_ranks(batch: torch.Tensor, fn):
+    """fn(batch) for a function batched over dim 0, each rank of the process group computing a share.
+
+    The batch is zero-padded to a multiple of the world size, rank r computes rows [r*k, (r+1)*k), and
+    an all-gather assembles the whole result on every rank. Without a process group: fn(batch).
+    """
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return fn(batch)
+    world, rank = tdist.get_world_size(), tdist.get_rank()
+    share = -(-batch.size(0) // world)
+    padded = torch.cat([batch, batch.new_zeros(share * world - batch.size(0), *batch.shape[1:])])
+    mine = fn(padded[rank * share : (rank + 1) * share]).contiguous()
+    gathered = mine.new_empty(share * world, *mine.shape[1:])
+    tdist.all_gather_into_tensor(gathered, mine)
+    return gathered[: batch.size(0)]
 
 
 class Muon(torch.optim.Optimizer):
@@ -156,9 +184,9 @@ class Muon(torch.optim.Optimizer):
     Muon group keys: lr, momentum, weight_decay (decoupled: p *= 1 - lr * wd), ns_steps, ns_split.
     AdamW group keys: lr, betas, eps, weight_decay. Any group may carry lr_scale (read by the loop).
 
-    Distributed: with DDP the gradients are already averaged, so every rank computes the same update.
-    With FSDP2 each matrix's update is all-gathered, orthogonalised on every rank, and each rank applies
-    its own shard. The Newton-Schulz work is therefore replicated, not split, across ranks.
+    Distributed: with DDP the gradients are already averaged, so every rank would compute the same update;
+    with FSDP2 each matrix's update is all-gathered and each rank applies its own shard of the result.
+    Either way the Newton-Schulz work is split across ranks, then all-gathered (orthogonalized_updates).
     """
 
     def __init__(self, param_groups):
@@ -182,6 +210,7 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_step(self, group):
         lr, beta = group["lr"], group["momentum"]
+        params, nesterov = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -190,8 +219,9 @@ class Muon(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - beta)
-            nesterov = p.grad.lerp(buf, beta)  # g + beta * (buf - g): looks one momentum step ahead
-            update = orthogonalized_update(nesterov, group["ns_steps"], group["ns_split"])
+            params.append(p)
+            nesterov.append(p.grad.lerp(buf, beta))  # g + beta * (buf - g): looks one momentum step ahead
+        for p, update in zip(params, orthogonalized_updates(nesterov, group["ns_steps"], group["ns_split"])):
             p.mul_(1 - lr * group["weight_decay"])
             p.add_(update, alpha=-lr)
 

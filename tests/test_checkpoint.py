@@ -140,10 +140,28 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
-    assert checkpoint.restore_rng_states(load_checkpoint(tmp_path)["rng"], rank=0, world_size=1)
+    assert checkpoint.restore_rng_states(load_checkpoint(tmp_path)["rng"], rank=0, world_size=1) is None  # all of it
     got = (torch.rand(3), np.random.rand(3), random.random(), np.random.normal())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2:] == expected[2:]
-    assert not checkpoint.restore_rng_states(load_checkpoint(tmp_path)["rng"], rank=0, world_size=2)
+    assert "saved by 1 process(es), not 2" in checkpoint.restore_rng_states(load_checkpoint(tmp_path)["rng"], 0, 2)
+
+
+@pytest.mark.parametrize("visible, restored, note", [
+    (2, [0, 1], None),
+    (1, [0], "GPU(s) 1 were saved but this process sees 1 GPU(s)"),
+    (3, [0, 1], "no saved CUDA random state for GPU(s) 2"),
+    (0, [], "GPU(s) 0, 1 were saved but this process sees 0 GPU(s)"),
+])
+def test_cuda_random_states_restore_per_device_and_say_what_they_could_not(monkeypatch, visible, restored, note):
+    """Faked on the CPU through the restoring function: states saved on 2 GPUs, resumed with `visible` GPUs."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((device, int(state[0]))))
+    state = {**checkpoint.rng_state(), "cuda": [torch.tensor([10], dtype=torch.uint8), torch.tensor([11], dtype=torch.uint8)]}
+    result = checkpoint.set_rng_state(state)
+    assert calls == [(i, 10 + i) for i in restored]
+    assert result is None if note is None else note in result
 
 
 def test_old_nanogpt_checkpoint_resumes(tmp_path, tiny_char_data):

@@ -275,6 +275,14 @@ def test_no_gpu_for_cuda_device(monkeypatch):
         D.init_distributed("cuda")
 
 
+def test_cuda_index_beyond_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(D.DistributedError, match=r"device='cuda:2' but this machine shows 2 CUDA GPU\(s\)"):
+        D.resolve_device("cuda:2")
+    assert D.resolve_device("cuda:1") == "cuda:1"
+
+
 @pytest.mark.parametrize(
     "model, kwargs, needle",
     [

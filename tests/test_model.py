@@ -112,6 +112,47 @@ def test_forward_shapes_and_last_position_logits():
     torch.testing.assert_close(last_logits[:, 0], logits[:, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("options", [{}, dict(logit_softcap=3.0), dict(untied_head=True), dict(untied_head=True, logit_softcap=2.0)])
+def test_chunked_head_and_loss_equal_the_plain_path(options, monkeypatch):
+    """return_logits=False (training's path): the same loss and gradients, tied or untied head, softcap or
+    not, targets of -1 ignored, over several uneven chunks; the (N, V) logits are never saved for backward."""
+    model = make_gpt(scale=1.0, **options).train()
+    idx, targets = tokens(3, 16), tokens(3, 16, seed=2)
+    targets[0, :5] = -1
+    _, plain = model(idx, targets)
+    plain.backward()
+    plain_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(model_module, "CHUNK_ELEMENTS", 700)  # 48 rows x 50 classes: 4 chunks (12 rows each)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        logits, chunked = model(idx, targets, return_logits=False)
+    chunked.backward()
+    assert logits is None
+    assert not [s for s in saved if s[-1:] == (50,) and s.numel() >= 12 * 50]  # not even one chunk of logits
+    torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():  # evaluation: no gradients made
+        torch.testing.assert_close(model(idx, targets, return_logits=False)[1], plain, atol=1e-6, rtol=1e-6)
+
+
+def test_chunked_loss_under_bf16_autocast_is_close_to_the_plain_path():
+    model = make_gpt(scale=1.0, logit_softcap=5.0).train()
+    idx, targets = tokens(2, 16), tokens(2, 16, seed=3)
+    with torch.autocast("cpu", torch.bfloat16):
+        _, plain = model(idx, targets)
+    plain.backward()
+    plain_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        _, chunked = model(idx, targets, return_logits=False)
+    chunked.backward()
+    assert chunked.dtype == torch.float32 and model.lm_head.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain.float(), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(model.lm_head.weight.grad, plain_grad, atol=2e-3, rtol=5e-2)
+
+
 def test_loss_is_mean_cross_entropy_ignoring_minus_one():
     model = make_gpt()
     idx = tokens(2, 8)
@@ -309,6 +350,30 @@ def test_peak_flops_unknown_device_and_cpu():
 
 
 # --- bigram and build_model --------------------------------------------------------------------
+
+
+class AdvancedIndexing(torch.overrides.TorchFunctionMode):
+    """Records tensor indexing by a list or tensor: on a GPU each such index is a host-to-device copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, (list, torch.Tensor)) for i in index):
+                self.seen.append(index)
+        return func(*args, **(kwargs or {}))
+
+
+def test_decoding_indexes_without_host_to_device_copies():
+    """Every decoding step (KV cache, sampling with top_k/top_p, the window sliding) indexes by slices only."""
+    prompt = tokens(2, 5)
+    for model in (make_gpt(), model_module.BigramLanguageModel(50, block_size=16)):
+        with AdvancedIndexing() as watch:
+            model.generate(prompt, 14, temperature=0.8, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(0))
+        assert watch.seen == [], type(model).__name__
 
 
 def test_bigram_forward_and_generate():

@@ -96,6 +96,18 @@ def test_fused_qkv_is_orthogonalised_per_block():
     torch.testing.assert_close(w.detach().double(), expected, atol=1e-5, rtol=0)
 
 
+def test_newton_schulz_runs_once_per_shape_not_per_matrix(monkeypatch):
+    import forge.optim
+
+    shapes, original = [], forge.optim.zeropower_via_newtonschulz
+    monkeypatch.setattr(forge.optim, "zeropower_via_newtonschulz",
+                        lambda G, *args, **kwargs: shapes.append(tuple(G.shape)) or original(G, *args, **kwargs))
+    model = tiny_gpt(n_layer=4)
+    train_steps(model, build_optimizer(model, "muon", **MUON_ARGS), 1)
+    # 4 layers: c_proj (9, 9), c_fc (36, 9), mlp.c_proj (9, 36) as batches of 4; c_attn as 12 (9, 9) blocks
+    assert sorted(shapes) == [(4, 9, 9), (4, 9, 36), (4, 36, 9), (12, 9, 9)]
+
+
 def test_param_groups_put_hidden_matrices_on_muon_and_the_rest_on_adamw():
     model = tiny_gpt()
     named = {id(p): n for n, p in model.named_parameters()}
@@ -204,14 +216,24 @@ def test_state_dict_round_trip_single_process():
 
 
 def _distributed_worker(rank, world_size, store_path, parallelism):
+    import forge.optim
+
     torch.set_num_threads(1)  # two processes on a shared 2-core machine
+    newton_schulz, orthogonalised = forge.optim.zeropower_via_newtonschulz, {"one process": 0, "a rank": 0}
+    counting = ["one process"]
+
+    def counted(G, steps=5, dtype=None):  # how many matrices this process orthogonalises
+        orthogonalised[counting[0]] += G.size(0) if G.dim() == 3 else 1
+        return newton_schulz(G, steps, dtype)
+
+    forge.optim.zeropower_via_newtonschulz = counted
+    reference = tiny_gpt()  # the single-process reference, trained before the process group exists
+    reference_opt = build_optimizer(reference, "muon", **MUON_ARGS)
+    train_steps(reference, reference_opt, 3)
+    counting[0] = "a rank"
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     try:
-        reference = tiny_gpt()
-        reference_opt = build_optimizer(reference, "muon", **MUON_ARGS)
-        train_steps(reference, reference_opt, 3)
-
         model = tiny_gpt()
         if parallelism == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -225,6 +247,8 @@ def _distributed_worker(rank, world_size, store_path, parallelism):
             wrapped = fully_shard(model)
         opt = build_optimizer(model, "muon", **MUON_ARGS)
         train_steps(wrapped, opt, 3, rank, world_size)
+        # the Newton-Schulz work is split: every batch of equal shapes (2 or 6 matrices here) halves
+        assert orthogonalised["a rank"] * world_size == orthogonalised["one process"] == 3 * 12, orthogonalised
 
         full_params = get_model_state_dict(model, options=FULL)
         for name, p in reference.state_dict().items():
@@ -252,6 +276,7 @@ def _distributed_worker(rank, world_size, store_path, parallelism):
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_muon_distributed_equals_single_process(parallelism, tmp_path):
+    """2 gloo ranks equal one process, each rank orthogonalising half of the matrices."""
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "store"), parallelism), nprocs=2, join=True)
 
 

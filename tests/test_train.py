@@ -15,7 +15,7 @@ from configurator import TrainConfig
 from forge.checkpoint import CheckpointError, load_checkpoint
 from forge.metrics import NonFiniteLossError, read_metrics
 from forge.precision import PrecisionError, resolve_dtype
-from tests.util import REPO, assert_clean_error, run_py, snapshot
+from tests.util import ABSENT_GPU, REPO, assert_clean_error, run_py, snapshot
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, gradient_accumulation_steps=2, bias=True,
             dropout=0.1, max_iters=8, lr_decay_iters=8, warmup_iters=2, learning_rate=1e-2, min_lr=1e-3,
@@ -287,7 +287,7 @@ def test_bad_inputs_are_clean_errors(trained, tmp_path, tiny_char_data):
         (cli(run, tiny_char_data, init_from="scratch", max_iters=4), ["already exists", "init_from=resume"]),
         (cli(run, tiny_char_data, init_from="resume", max_iters=4, n_layer=3), ["n_layer=2", "n_layer=3"]),
         (cli(tmp_path / "fresh", tiny_char_data, block_size=5000), ["block_size"]),
-        (cli(tmp_path / "fresh", tiny_char_data, device="cuda"), ["device"]),
+        (cli(tmp_path / "fresh", tiny_char_data, device=ABSENT_GPU), ["device", ABSENT_GPU]),
         (cli(tmp_path / "fresh", tiny_char_data, dtype="float16"), ["float16"]),
         (cli(tmp_path / "fresh", tiny_char_data, init_from="gpt3"), ["init_from", "gpt3"]),
         (cli(run / "train_config.json" / "sub", tiny_char_data), ["train_config.json"]),  # out_dir under a file

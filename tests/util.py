@@ -4,8 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+# A CUDA device this machine lacks, on any machine: cuda:0 without a GPU, cuda:N with N GPUs
+ABSENT_GPU = f"cuda:{torch.cuda.device_count()}"
 
 
 def run_py(*args, cwd=REPO, env=None, timeout=600, check=False) -> subprocess.CompletedProcess:

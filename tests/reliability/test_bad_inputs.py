@@ -19,7 +19,7 @@ import torch
 
 from tests.conftest import make_char_dataset
 from tests.reliability.conftest import Finished, cli
-from tests.util import REPO, assert_clean_error, snapshot
+from tests.util import ABSENT_GPU, REPO, assert_clean_error, snapshot
 
 
 class MakesMarker:
@@ -189,7 +189,7 @@ CASES = [
     ("train-absurd-batch", "train.py", lambda w: w.train(batch_size=10**9), ["batch_size=1000000000"]),
     ("train-absurd-model", "train.py", lambda w: w.train(n_layer=10**5, n_embd=8192, n_head=8), ["n_layer=100000"]),
     # train.py: machine, batch, world size, pretrained names
-    ("train-device-cuda", "train.py", lambda w: w.train(device="cuda"), ["cuda"]),
+    ("train-device-cuda", "train.py", lambda w: w.train(device=ABSENT_GPU), [ABSENT_GPU]),
     ("train-float16-on-cpu", "train.py", lambda w: w.train(dtype="float16"), ["float16"]),
     ("train-batch-zero", "train.py", lambda w: w.train(batch_size=0), ["batch_size"]),
     ("train-dropout-out-of-range", "train.py", lambda w: w.train(dropout=1.5), ["dropout=1.5"]),
@@ -205,7 +205,7 @@ CASES = [
     ("sample-vocab-mismatch", "sample.py", lambda w: [f"--out_dir={w.run}", f"--meta={w.other / 'meta.json'}"],
      ["does not fit"]),
     ("sample-wrong-type", "sample.py", lambda w: [f"--out_dir={w.run}", "--num_samples=two"], ["num_samples"]),
-    ("sample-device-cuda", "sample.py", lambda w: [f"--out_dir={w.run}", "--device=cuda"], ["cuda"]),
+    ("sample-device-cuda", "sample.py", lambda w: [f"--out_dir={w.run}", f"--device={ABSENT_GPU}"], [ABSENT_GPU]),
     ("sample-unknown-pretrained", "sample.py", lambda w: ["--init_from=gpt3"], ["gpt3"]),
     ("sample-missing-prompt-file", "sample.py", lambda w: [f"--out_dir={w.run}", f"--start=FILE:{w.texts / 'no.txt'}"],
      ["no.txt", "not found"]),
