@@ -22,7 +22,7 @@ from configurator import ConfigError, TrainConfig, config_dict, load_config
 from forge.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, load_model_weights,
                               restore_training_state, save_training_state)
 from forge.cpu import retain_freed_memory
-from forge.cpulaunch import train_on_cpu_cores
+from forge.cpulaunch import run_on_cpu_cores
 from forge.data import TokenBatches, load_meta
 from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, parallelize,
                                restart_count)
@@ -369,15 +369,5 @@ class StopRequest:
         self._previous = {}
 
 
-def entry(argv: list) -> None:
-    """`python train.py ...`: on a CPU, one process per physical core (forge/cpulaunch.py); else this process."""
-    cfg = load_config(argv)
-    code = train_on_cpu_cores(cfg, __file__, argv)
-    if code is None:
-        main(cfg)
-    elif code:
-        sys.exit(code)
-
-
-if __name__ == "__main__":
-    run_main(lambda: entry(sys.argv[1:]))
+if __name__ == "__main__":  # on a CPU: one process per physical core (forge/cpulaunch.py)
+    run_main(lambda: run_on_cpu_cores(main, load_config(sys.argv[1:]), __file__, sys.argv[1:]))

@@ -9,7 +9,7 @@ collapse when another job takes a core); processes with one thread each, all-red
 gradients over gloo, do not. The loader's batches do not depend on the world size, so N processes
 train the same model as one (up to the order of the gradient sums' float rounding).
 
-train.py's entry calls train_on_cpu_cores() before main(): on a CPU, outside any launcher, it runs
+train.py's and bench.py's entries call run_on_cpu_cores(main, cfg, ...): on a CPU, outside any launcher, it runs
 the same script again as N worker processes (torchrun's environment: RANK, WORLD_SIZE, MASTER_ADDR,
 ...) and returns their exit code. How many (the `cpu_procs` key and OMP_NUM_THREADS):
 - cpu_procs='auto' (the default): the most processes, up to the physical cores this process may use,
@@ -128,6 +128,15 @@ def plan_processes(cfg, cores: int, environ=os.environ, memory: int | None = Non
     return procs, threads or max(1, cores // procs)
 
 
+def run_on_cpu_cores(main, cfg, script: str, argv: list) -> None:
+    """An entry point's body: main(cfg) in this process, or in the processes train_on_cpu_cores() starts."""
+    code = train_on_cpu_cores(cfg, script, argv)
+    if code is None:
+        main(cfg)
+    elif code:
+        sys.exit(code)
+
+
 def train_on_cpu_cores(cfg, script: str, argv: list) -> int | None:
     """Called by an entry point before it trains: on a CPU, outside any launcher, run `script argv` as the
     processes plan_processes() chooses and return their exit code; None: this process trains itself."""
@@ -139,7 +148,7 @@ def train_on_cpu_cores(cfg, script: str, argv: list) -> int | None:
 
     if resolve_device(cfg.device) != "cpu":
         return None
-    procs, threads = plan_processes(cfg, physical_cores(), memory=available_memory())
+    procs, threads = plan_processes(cfg, physical_cores(), memory=available_memory())  # launch/single_node.sh too
     if procs == 1:
         return None
     print(f"training on {procs} CPU processes x {threads} thread(s) (gloo); --cpu_procs=1 (or OMP_NUM_THREADS) "
