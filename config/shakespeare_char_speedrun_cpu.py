@@ -1,5 +1,5 @@
 # Speedrun: Tiny Shakespeare characters to val loss <= 1.886 in 30 s or less on a 2-core CPU, counted
-# from process start (the classic CPU recipe, config/shakespeare_char_cpu.py, needs 89 s). How and why:
+# from process start (the classic CPU recipe, nanoGPT's baby GPT as bench/cpu.py runs it, needs 89 s). How and why:
 # docs/SPEEDRUN.md; measured figures: docs/BENCHMARKS.md ("Speed records").
 # python data/shakespeare_char/prepare.py && python train.py config/shakespeare_char_speedrun_cpu.py
 

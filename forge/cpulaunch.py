@@ -21,7 +21,8 @@ the same script again as N worker processes (torchrun's environment: RANK, WORLD
 - one process (no relaunch): under torchrun or any launcher that set RANK/WORLD_SIZE (no nested
   launch), a device other than the CPU, eval_only, one physical core, or a plan of one process.
 Physical cores: the CPUs of os.sched_getaffinity, SMT siblings (Linux's topology/thread_siblings_list)
-counted once, capped by a cgroup CPU quota (a container's --cpus); os.cpu_count() elsewhere.
+counted once, capped by a cgroup CPU quota (a container's --cpus); macOS's hw.physicalcpu; else
+os.cpu_count().
 
 A small launcher rather than torchrun's agent, for the behaviour of a single process: Ctrl-C or
 SIGTERM reaches every worker exactly once (the workers run in their own session, and this process
@@ -55,10 +56,16 @@ CPU_SYSFS = Path("/sys/devices/system/cpu")
 
 def physical_cores() -> int:
     """Physical cores this process may run on: its CPU affinity with SMT siblings counted once, capped by a
-    cgroup CPU quota. os.cpu_count() where there is no affinity (macOS, Windows)."""
+    cgroup CPU quota. macOS: sysctl hw.physicalcpu; elsewhere without affinity (Windows): os.cpu_count()."""
     try:
         cpus = os.sched_getaffinity(0)
     except AttributeError:
+        if sys.platform == "darwin":
+            try:
+                return int(subprocess.run(["sysctl", "-n", "hw.physicalcpu"], capture_output=True, text=True,
+                                          timeout=10).stdout)
+            except (OSError, ValueError, subprocess.SubprocessError):
+                pass
         return os.cpu_count() or 1
     cores = set()
     for cpu in cpus:
