@@ -27,6 +27,7 @@ import torch
 
 from configurator import ConfigError, TrainConfig, load_config
 from forge.cpu import retain_freed_memory
+from forge.cpulaunch import run_on_cpu_cores
 from forge.data import TokenBatches, load_meta
 from forge.distributed import all_reduce_mean, destroy, gradient_sync, init_distributed
 from forge.errors import run_main
@@ -339,5 +340,15 @@ def write_profile(module, optimizer, scaler, batches, grad_accum, ctx, cfg, dist
     return path
 
 
+def entry(argv: list) -> None:
+    """Measure what train.py runs: on a CPU one process per physical core, unless --threads (or OMP_NUM_THREADS)
+    or --cpu_procs says otherwise (forge/cpulaunch.py)."""
+    cfg = load_config(argv, BenchConfig)
+    if cfg.threads:
+        main(cfg)
+    else:
+        run_on_cpu_cores(main, cfg, __file__, argv)
+
+
 if __name__ == "__main__":
-    run_main(lambda: main(load_config(sys.argv[1:], BenchConfig)))
+    run_main(lambda: entry(sys.argv[1:]))

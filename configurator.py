@@ -112,6 +112,7 @@ class TrainConfig:
     backend: str = "auto"  # process-group backend under torchrun: 'auto' (nccl on cuda, gloo otherwise), 'nccl', 'gloo'
     parallelism: Literal["ddp", "fsdp"] = "ddp"  # data parallelism under torchrun: 'ddp' (replicate) or 'fsdp' (shard)
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    cpu_procs: int | Literal["auto"] = "auto"  # CPU: training processes (gloo DDP); 'auto': one per physical core, or one when OMP_NUM_THREADS is set (forge/cpulaunch.py)
     dist_timeout_s: float = 900.0  # seconds a rank waits in a collective before failing with a clear error (a hung peer)
     seed: int = 1337  # base random seed: initial weights use it on every rank, dropout seed + rank
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up in forge/flops.py's table
@@ -141,6 +142,8 @@ class TrainConfig:
         if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
             raise ConfigError(f"warmup_iters={self.warmup_iters} is past lr_decay_iters={self.lr_decay_iters}: the "
                               "warmup must end before the decay does; lower warmup_iters or raise lr_decay_iters")
+        if self.cpu_procs != "auto" and self.cpu_procs < 1:
+            raise ConfigError(f"cpu_procs={self.cpu_procs} must be at least 1, or 'auto'")
         if self.dist_timeout_s <= 0:
             raise ConfigError(f"dist_timeout_s={self.dist_timeout_s} must be a positive number of seconds")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):

@@ -23,6 +23,7 @@ from forge.checkpoint import (CheckpointError, check_model_args, check_training_
                               load_checkpoint, load_model_weights, model_args_of, refuse_orphaned_checkpoints,
                               restore_training_state, save_training_state)
 from forge.cpu import retain_freed_memory
+from forge.cpulaunch import run_on_cpu_cores
 from forge.data import TokenBatches, load_meta
 from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, is_compiled,
                                parallelize, restart_count)
@@ -423,5 +424,5 @@ class StopRequest:
         self._previous = {}
 
 
-if __name__ == "__main__":
-    run_main(lambda: main(load_config(sys.argv[1:], base=resumed_run_config)))
+if __name__ == "__main__":  # on a CPU: one process per physical core (forge/cpulaunch.py)
+    run_main(lambda: run_on_cpu_cores(main, load_config(sys.argv[1:], base=resumed_run_config), __file__, sys.argv[1:]))

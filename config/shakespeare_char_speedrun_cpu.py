@@ -1,5 +1,5 @@
 # Speedrun: Tiny Shakespeare characters to val loss <= 1.886 in 30 s or less on a 2-core CPU, counted
-# from process start (the classic CPU recipe, config/shakespeare_char_cpu.py, needs 89 s). How and why:
+# from process start (the classic CPU recipe, nanoGPT's baby GPT as bench/cpu.py runs it, needs 89 s). How and why:
 # docs/SPEEDRUN.md; measured figures: docs/BENCHMARKS.md ("Speed records").
 # python data/shakespeare_char/prepare.py && python train.py config/shakespeare_char_speedrun_cpu.py
 
@@ -7,13 +7,15 @@ out_dir = "out-shakespeare-char-speedrun-cpu"
 # Every evaluation is on the clock. The loop always evaluates at step 0; the only other one is at the
 # end, where the decayed lr leaves the best model of the run.
 eval_interval = 280
-eval_iters = 50  # 50 batches x 768 = 38,400 characters per split (a third of val); see BENCHMARKS.md for its error
+eval_iters = 100  # 100 batches x 384 = 38,400 characters per split (a third of val); see BENCHMARKS.md for its error
 log_interval = 50
 always_save_checkpoint = False
 
 dataset = "shakespeare_char"
-gradient_accumulation_steps = 1
-batch_size = 12  # small batches: per token, 12 x 64 learns faster here than 24 x 64 or 6 x 128
+# 12 sequences of 64 per step (small batches: per token, 12 x 64 learns faster here than 24 x 64 or 6 x 128),
+# as 2 micro-batches of 6: one process per core on 2 cores (forge/cpulaunch.py), the same 12 windows as 1 x 12
+gradient_accumulation_steps = 2
+batch_size = 6
 block_size = 64
 
 n_layer = 4

@@ -34,7 +34,8 @@ def process_start_time() -> float:
         return time.time()
 
 
-PROCESS_START = process_start_time()  # time_s in records counts from here (time-to-loss figures)
+RUN_START_ENV = "GPTFORGE_RUN_START"  # set by forge.cpulaunch in its workers: the start of the command the user ran
+PROCESS_START = float(os.environ.get(RUN_START_ENV) or process_start_time())  # time_s counts from here
 
 
 class NonFiniteLossError(UserError):
