@@ -27,6 +27,7 @@ from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync
                                restart_count)
 from forge.errors import is_rank_zero, run_main
 from forge.hellaswag import HellaSwagTask
+from forge.lora import prepare_finetune, trainable_summary
 from forge.metrics import MetricsLog, NonFiniteLossError
 from forge.optim import build_optimizer
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
@@ -76,7 +77,10 @@ def main(cfg: TrainConfig) -> None:
             if cfg.eval_hellaswag_interval else None
 
         # -------------------------------------------------------------------- model
-        model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta))
+        # padding the vocabulary is for new models only: a pretrained or resumed one is checked against the data's
+        vocab_size = model_vocab_size(meta) if init == "scratch" else meta["vocab_size"]
+        model, model_args, model_type = create_model(cfg, init, ckpt, vocab_size)
+        lora = prepare_finetune(model, cfg, ckpt, Path(cfg.out_dir) / "ckpt.pt")  # finetune=lora: the adapters' spec
         model.to(dist.device)
         seed_everything(cfg.seed + dist.rank)  # from here on (dropout) every rank draws its own stream
         scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
@@ -90,7 +94,8 @@ def main(cfg: TrainConfig) -> None:
             log.info(f"resuming from {cfg.out_dir} at iter {iter_num}" +
                      ("" if exact else " (no saved random state for this world size: dropout streams restart)"))
             ckpt = None  # free the memory
-        log.info(f"{model_type} model, {model.get_num_params():,} parameters")
+        log.info(f"{model_type} model, {model.get_num_params():,} parameters" +
+                 (f"; LoRA: {trainable_summary(model)}" if lora else ""))
 
         # -------------------------------------------------------------------- logging
         if not cfg.eval_only:  # eval_only writes nothing
@@ -106,7 +111,8 @@ def main(cfg: TrainConfig) -> None:
             path = save_training_state(
                 cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, loader=train_batches,
                 keep_last=cfg.keep_last, write=dist.is_main, model_args=model_args, model_type=model_type,
-                iter_num=iter_num, best_val_loss=best_val_loss, config=config_dict(cfg), wandb_run_id=wandb_run_id)
+                iter_num=iter_num, best_val_loss=best_val_loss, config=config_dict(cfg), wandb_run_id=wandb_run_id,
+                **({"lora": lora} if lora else {}))
             log.info(f"saved checkpoint to {path} ({reason})")
 
         # -------------------------------------------------------------------- the loop
@@ -190,7 +196,7 @@ def resolve_init(init_from: str, out_dir: str, eval_only: bool = False):
         return "resume", load_checkpoint(out_dir)
     if init_from != "scratch" and not (init_from.startswith("gpt2") or Path(init_from).is_dir()):
         raise ConfigError(f"init_from={init_from!r} is not scratch, resume, auto, a GPT-2 name (gpt2, gpt2-medium, "
-                          "gpt2-large, gpt2-xl) or a local Hugging Face GPT-2 directory")
+                          "gpt2-large, gpt2-xl), a local Hugging Face GPT-2 directory or a run's out_dir")
     if exists and not eval_only:
         raise CheckpointError(f"{Path(out_dir) / 'ckpt.pt'} already exists and init_from={init_from} would overwrite "
                               "it: continue it with --init_from=resume (or auto), or choose another --out_dir")
@@ -207,15 +213,14 @@ def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int):
     """(raw model, model_args, model_type): built from the config, rebuilt from a checkpoint, or GPT-2 weights."""
     if init == "resume":
         check_checkpoint_matches(cfg, ckpt, vocab_size)
-        model_args, model_type = dict(ckpt["model_args"]), ckpt["model_type"]
-        model_args["dropout"] = cfg.dropout  # not a shape: the config's value applies to the rest of the run
-        model = build_model(model_type, model_args)
-        load_model_weights(model, ckpt["model"], Path(cfg.out_dir) / "ckpt.pt")
-        return model, model_args, model_type
+        return model_from_checkpoint(ckpt, cfg.dropout, Path(cfg.out_dir) / "ckpt.pt")
     if init == "scratch":
         names = {f.name for f in dataclasses.fields(GPTConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
         model_args = {name: getattr(cfg, name) for name in sorted(names)} | {"vocab_size": vocab_size}
         return build_model(cfg.model_type, model_args), model_args, cfg.model_type
+    if has_checkpoint(init):  # another run of ours: its weights and architecture, a fresh optimizer and schedule
+        model, _, model_type = model_from_checkpoint(load_checkpoint(init), cfg.dropout, Path(init) / "ckpt.pt")
+        return fit_pretrained(cfg, init, model, vocab_size), dataclasses.asdict(model.config), model_type
     if cfg.model_type != "gpt":
         raise ConfigError(f"init_from={init} loads a GPT-2; model_type={cfg.model_type!r} cannot be fine-tuned from it")
     for option in dataclasses.fields(GPTConfig):  # GPT-2's weights fix the architecture: an option would be ignored
@@ -223,6 +228,20 @@ def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int):
             raise ConfigError(f"{option.name}={getattr(cfg, option.name)!r} cannot apply to {init}'s pretrained "
                               f"architecture: drop it to fine-tune GPT-2, or train from scratch with it")
     model = GPT.from_pretrained(init, {"dropout": cfg.dropout})
+    return fit_pretrained(cfg, init, model, vocab_size), dataclasses.asdict(model.config), "gpt"
+
+
+def model_from_checkpoint(ckpt: dict, dropout: float, source: Path):
+    """(model, model_args, model_type) rebuilt from a checkpoint's 'model' (for LoRA runs, the merged weights)."""
+    model_args, model_type = dict(ckpt["model_args"]), ckpt["model_type"]
+    model_args["dropout"] = dropout  # not a shape: the config's value applies to the rest of the run
+    model = build_model(model_type, model_args)
+    load_model_weights(model, ckpt["model"], source)
+    return model, model_args, model_type
+
+
+def fit_pretrained(cfg: TrainConfig, init: str, model, vocab_size: int):
+    """A pretrained model cropped to the config's block_size, checked against the dataset's vocabulary."""
     if cfg.block_size > model.config.block_size:
         raise ConfigError(f"block_size={cfg.block_size} is larger than {init}'s {model.config.block_size}; "
                           f"use --block_size={model.config.block_size} or less")
@@ -231,7 +250,7 @@ def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int):
     if vocab_size > model.config.vocab_size:
         raise ConfigError(f"the dataset's vocabulary ({vocab_size} ids) is larger than {init}'s "
                           f"({model.config.vocab_size}): prepare the data with the GPT-2 tokenizer")
-    return model, dataclasses.asdict(model.config), "gpt"
+    return model
 
 
 def parallelize_and_build_optimizer(cfg: TrainConfig, model, dist, dtype):

@@ -273,6 +273,7 @@ def save_training_state(out_dir, *, model, optimizer, scaler, loader, keep_last:
     every rank, not only the writer. Returns the checkpoint's path.
     """
     from forge.distributed import any_rank, full_model_state_dict, full_optimizer_state_dict
+    from forge.lora import lora_checkpoint_entries
 
     state = {
         "model": full_model_state_dict(model),  # the raw model: no _orig_mod. / module. prefixes
@@ -282,6 +283,8 @@ def save_training_state(out_dir, *, model, optimizer, scaler, loader, keep_last:
         "rng": gather_rng_states(),
         **fields,
     }
+    if fields.get("lora"):  # LoRA: 'model' gets the merged weights, 'lora' the frozen base and adapters
+        state["model"], state["lora"] = lora_checkpoint_entries(state["model"], fields["lora"])
     error = None
     if write:
         try:

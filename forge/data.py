@@ -9,6 +9,15 @@ The training batches are deterministic and world-size invariant: the window offs
 sample i of optimizer step s is a pure function of (seed, split, s, i), so 1 process with gradient
 accumulation 8 sees exactly the batches of 8 processes with accumulation 1, and a resumed run
 continues the identical stream from `state_dict()`.
+
+A prompt/response folder (meta.json "loss_mask": true, from data/text/prepare.py --format
+prompt_response) also holds `<split>.mask.bin` (uint8 per token: 1 where the token is a target the loss
+counts) and `<split>.starts.bin` (int64: each example's first token). Its windows are PADDED, one
+example each: a window starts at an example's start (the model sees it from position 0, as at
+inference), holds only that example (its first block_size + 1 tokens if longer), and every target that
+is prompt, padding or past the example is -1, the model's ignore_index, so the loss is the mean over
+the response tokens only. Which example a sample takes is drawn as above (deterministic, world-size
+invariant, resumable); examples with no response token within block_size are never drawn.
 """
 import json
 import pickle
@@ -19,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from forge.tokenize import DTYPES, GPT2_VOCAB_SIZE, DataError
+from forge.tokenize import DTYPES, GPT2_VOCAB_SIZE, STARTS_DTYPE, DataError
 
 # nanoGPT's OpenWebText folder has no metadata: GPT-2 BPE in uint16 is what it means.
 DEFAULT_META = {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "dtype": "uint16"}
@@ -140,6 +149,51 @@ def _check_length(tokens: np.ndarray, path, block_size: int) -> None:
                         f"{block_size + 1:,}: lower block_size or prepare more text")
 
 
+class Examples:
+    """The examples of a prompt/response split (module docstring): their starts, ends and loss mask."""
+
+    def __init__(self, data_dir, split: str, num_tokens: int, block_size: int):
+        data_dir = Path(data_dir)
+        mask_path, starts_path = data_dir / f"{split}.mask.bin", data_dir / f"{split}.starts.bin"
+        for path in (mask_path, starts_path):
+            if not path.is_file():
+                raise DataError(f"{path} not found, but {data_dir / 'meta.json'} says the data has a loss mask: "
+                                f"re-run data/text/prepare.py --format prompt_response for {data_dir}")
+        if mask_path.stat().st_size != num_tokens or starts_path.stat().st_size % STARTS_DTYPE.itemsize:
+            raise DataError(f"{mask_path} or {starts_path} does not fit {split}.bin's {num_tokens:,} tokens: the folder "
+                            "is damaged or mixed from two preparations; re-run the prepare script")
+        self.mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
+        starts = np.fromfile(starts_path, dtype=STARTS_DTYPE)
+        if len(starts) == 0 or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= num_tokens:
+            raise DataError(f"{starts_path} is not an increasing list of example starts within {split}.bin; "
+                            "re-run the prepare script")
+        ends = np.append(starts[1:], num_tokens)
+        # the first counted target of each example: one with none in its first block_size targets adds nothing
+        counted = np.append(np.flatnonzero(self.mask), num_tokens)
+        first_target = counted[np.searchsorted(counted, starts + 1)]
+        usable = first_target < np.minimum(starts + block_size + 1, ends)
+        if not usable.any():
+            raise DataError(f"no example of {data_dir / split}.bin has a response token within block_size={block_size} "
+                            "tokens of its start: raise block_size or shorten the prompts")
+        self.starts, self.ends = starts[usable], ends[usable]
+        self.skipped = int((~usable).sum())
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def windows(self, tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) int64 (len(offsets), block_size): the examples starting at offsets, padded, y -1 where not counted."""
+        ends = self.ends[np.searchsorted(self.starts, offsets)]
+        x = np.zeros((len(offsets), block_size), dtype=np.int64)
+        y = np.full((len(offsets), block_size), -1, dtype=np.int64)
+        for row, (start, end) in enumerate(zip(offsets, ends)):
+            n = min(block_size, int(end - start) - 1)  # the targets this example has in the window
+            x[row, :n] = tokens[start:start + n]
+            targets = tokens[start + 1:start + n + 1].astype(np.int64)
+            y[row, :n] = np.where(self.mask[start + 1:start + n + 1] == 1, targets, -1)
+        return x, y
+
+
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         # from pinned host memory the copy overlaps with compute (non_blocking)
@@ -176,7 +230,9 @@ class TokenBatches:
         self.vocab_size = self.meta["vocab_size"]
         self.tokens = open_split(self.data_dir, split, self.meta)  # opened once, shared by every batch
         self.num_tokens = len(self.tokens)
-        _check_length(self.tokens, self.data_dir / f"{split}.bin", block_size)
+        self.examples = Examples(self.data_dir, split, self.num_tokens, block_size) if self.meta.get("loss_mask") else None
+        if self.examples is None:
+            _check_length(self.tokens, self.data_dir / f"{split}.bin", block_size)
         self.micro_steps_per_rank = grad_accum_steps // world_size
         self._split_id = _stable_split_id(split)
         self._step, self._micro = 0, 0  # position of the next next(): optimizer step, this rank's micro-step
@@ -194,10 +250,16 @@ class TokenBatches:
             raise ValueError(f"step ({step}) and micro_step ({micro_step}) must be non-negative")
         rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, self._split_id, step])))
         first = micro_step * self.batch_size
+        if self.examples is not None:  # a whole example per window: draw which one
+            draws = rng.integers(0, len(self.examples), size=first + self.batch_size, dtype=np.int64)
+            return self.examples.starts[draws[first:]]
         draws = rng.integers(0, self.num_tokens - self.block_size, size=first + self.batch_size, dtype=np.int64)
         return draws[first:]
 
     def _cpu_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.examples is not None:
+            x, y = self.examples.windows(self.tokens, self.window_offsets(step, micro_step), self.block_size)
+            return torch.from_numpy(x), torch.from_numpy(y)
         windows = np.stack([self.tokens[i:i + self.block_size + 1] for i in self.window_offsets(step, micro_step)])
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # model.py views them flat
@@ -262,6 +324,10 @@ class SequentialWindows:
     batch j goes to rank j % world_size. Every rank yields the same number of full-shape batches
     (padding batches have y all -1), so collective forwards (FSDP) stay in step: sum the per-token
     losses where y != -1 and all-reduce the sums and counts.
+
+    A prompt/response split (loss mask) is scored as in training: window k is example k, padded,
+    with only its response tokens as targets; max_targets then limits the number of examples to
+    max_targets // block_size (at least one).
     """
 
     def __init__(self, data_dir, split, block_size, batch_size, *, rank=0, world_size=1, device="cpu", max_targets=0):
@@ -279,6 +345,10 @@ class SequentialWindows:
         if max_targets > 0:  # a quick run: only the first max_targets targets (evaluate.py --limit_tokens)
             self.num_targets = min(self.num_targets, max_targets)
         self.num_windows = -(-self.num_targets // block_size)
+        self.examples = Examples(data_dir, split, len(self.tokens), block_size) \
+            if load_meta(data_dir).get("loss_mask") else None
+        if self.examples is not None:
+            self.num_windows = len(self.examples) if not max_targets else min(len(self.examples), self.num_windows)
         num_batches = -(-self.num_windows // batch_size)
         self.batches_per_rank = -(-num_batches // world_size)
 
@@ -289,6 +359,11 @@ class SequentialWindows:
         T = self.block_size
         x = torch.zeros(self.batch_size, T, dtype=torch.int64)
         y = torch.full((self.batch_size, T), -1, dtype=torch.int64)
+        if self.examples is not None:
+            starts = self.examples.starts[j * self.batch_size:min((j + 1) * self.batch_size, self.num_windows)]
+            rows = len(starts)
+            x[:rows], y[:rows] = map(torch.from_numpy, self.examples.windows(self.tokens, starts, T))
+            return _to_device(x, self.device), _to_device(y, self.device)
         for row, k in enumerate(range(j * self.batch_size, min((j + 1) * self.batch_size, self.num_windows))):
             n = min(T, self.num_targets - k * T)
             x[row, :n] = torch.from_numpy(self.tokens[k * T:k * T + n].astype(np.int64))
