@@ -91,6 +91,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # (out, r): zero, so B A = 0
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in the LoRA paper's code
         self.lora_dropout = nn.Dropout(dropout)
+        self.train(base.training)  # a model in eval mode stays in eval mode
 
     def forward(self, x):
         # two thin matmuls (x A^T is (.., r)): the full-size B A is never formed in training
