@@ -249,3 +249,26 @@ def test_finetune_lora_config_trains_gpt2_on_pairs_with_bf16_checkpointing(tmp_p
                   "--device=cpu", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     assert "Q: 2+2=" in proc.stdout
+
+
+def test_ddp_two_ranks_equal_one_process_and_fsdp_trains_and_resumes(tmp_path, pairs, hf_gpt2):
+    """2 gloo ranks (torchrun through launch/single_node.sh) train the same adapters as 1 process; FSDP2
+    shards the frozen base and the adapters alike, and its run resumes. No dropout: one stream per rank."""
+    settings = {**TINY, "lora_dropout": 0.0, "data_dir": str(pairs), "init_from": str(hf_gpt2)}
+    config_file = tmp_path / "tiny_lora.py"
+    config_file.write_text("".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+    train.main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "one")}))
+    one = load_checkpoint(tmp_path / "one")
+    env = {**ONE_THREAD, "PYTHON": __import__("sys").executable}
+    for parallelism, max_iters in (("ddp", 4), ("fsdp", 2), ("fsdp", 4)):
+        out = tmp_path / parallelism
+        proc = run_py("-m", "forge.launch", "--standalone", "--nproc_per_node=2", "--max_restarts=0", "train.py",
+                      config_file, f"--out_dir={out}", f"--parallelism={parallelism}", f"--max_iters={max_iters}",
+                      *(["--init_from=resume"] if out.exists() else []), env=env, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    for parallelism in ("ddp", "fsdp"):
+        two = load_checkpoint(tmp_path / parallelism)
+        for name, tensor in {**one["model"], **one["lora"]["adapters"]}.items():
+            torch.testing.assert_close({**two["model"], **two["lora"]["adapters"]}[name], tensor, rtol=1e-5,
+                                       atol=1e-6, msg=f"{parallelism}: {name}")
+        assert all(torch.equal(two["lora"]["base"][k], v) for k, v in one["lora"]["base"].items())
