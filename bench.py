@@ -30,6 +30,7 @@ from forge.cpu import retain_freed_memory
 from forge.data import TokenBatches, load_meta
 from forge.distributed import all_reduce_mean, destroy, gradient_sync, init_distributed
 from forge.errors import run_main
+from forge.lora import prepare_finetune
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
 from forge.tokenize import DataError
 from model import device_peak_flops
@@ -99,6 +100,7 @@ def main(cfg: BenchConfig) -> None:
         batches, vocab_size = open_batches(cfg, dist)
         init = "scratch" if cfg.init_from in ("scratch", "resume", "auto") else cfg.init_from
         model, _, model_type = create_model(cfg, init, None, vocab_size)
+        prepare_finetune(model, cfg, None, cfg.out_dir)  # finetune=lora: frozen base, adapters only, as train.py
         model.to(dist.device)
         scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
         module, optimizer = parallelize_and_build_optimizer(cfg, model, dist, dtype)  # as train.py does
