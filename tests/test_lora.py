@@ -249,6 +249,10 @@ def test_finetune_lora_config_trains_gpt2_on_pairs_with_bf16_checkpointing(tmp_p
                   "--device=cpu", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     assert "Q: 2+2=" in proc.stdout
+    proc = run_py("evaluate.py", f"--out_dir={out}", "--device=cpu", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    mask = np.fromfile(tmp_path / "pairs" / "val.mask.bin", dtype=np.uint8)
+    assert f"over {int(mask.sum())} tokens" in proc.stdout  # the responses (prompts start with no target)
 
 
 def test_ddp_two_ranks_equal_one_process_and_fsdp_trains_and_resumes(tmp_path, pairs, hf_gpt2):
