@@ -73,6 +73,8 @@ def main(cfg: TrainConfig) -> None:
                                             seed=cfg.seed + EVAL_SEED_OFFSET, device=dist.device)
                         for split in ("train", "val")}
         loaders = [train_batches, *eval_batches.values()]
+        if train_batches.examples is not None:
+            log.info(f"{data_dir} train split: {train_batches.examples.describe()}")
         hellaswag = HellaSwagTask.load(meta, cfg.hellaswag_path, cfg.hellaswag_limit, dist.rank) \
             if cfg.eval_hellaswag_interval else None
 

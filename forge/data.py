@@ -177,6 +177,16 @@ class Examples:
                             "tokens of its start: raise block_size or shorten the prompts")
         self.starts, self.ends = starts[usable], ends[usable]
         self.skipped = int((~usable).sum())
+        self.cut = int((self.ends - self.starts > block_size + 1).sum())
+
+    def describe(self) -> str:
+        """What a run should know about the examples: how many, and how many block_size cuts or leaves out."""
+        text = f"{len(self):,} prompt/response examples, loss on the responses only"
+        if self.cut:
+            text += f"; {self.cut:,} longer than block_size + 1 tokens are cut"
+        if self.skipped:
+            text += f"; {self.skipped:,} without a response token within block_size are left out"
+        return text
 
     def __len__(self) -> int:
         return len(self.starts)

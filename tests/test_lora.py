@@ -276,3 +276,13 @@ def test_ddp_two_ranks_equal_one_process_and_fsdp_trains_and_resumes(tmp_path, p
             torch.testing.assert_close({**two["model"], **two["lora"]["adapters"]}[name], tensor, rtol=1e-5,
                                        atol=1e-6, msg=f"{parallelism}: {name}")
         assert all(torch.equal(two["lora"]["base"][k], v) for k, v in one["lora"]["base"].items())
+
+
+def test_examples_without_a_response_inside_block_size_are_never_drawn(pairs):
+    loader = TokenBatches(pairs, "train", 8, 8)  # 'Q: 5+77=' fits 8 tokens, 'Q: 55+77=' does not
+    assert loader.examples.skipped > 0 and len(loader.examples) > 0
+    assert "left out" in loader.examples.describe() and "cut" in loader.examples.describe()
+    for step in range(5):
+        x, y = loader.get_batch(step, 0)
+        assert ((y >= 0).sum(dim=1) > 0).all()  # every window has a target: no all-ignored (NaN) batch
+    loader.close()
