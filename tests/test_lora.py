@@ -286,3 +286,16 @@ def test_examples_without_a_response_inside_block_size_are_never_drawn(pairs):
         x, y = loader.get_batch(step, 0)
         assert ((y >= 0).sum(dim=1) > 0).all()  # every window has a target: no all-ignored (NaN) batch
     loader.close()
+
+
+def test_prepare_takes_other_field_names_and_splits_by_examples(tmp_path):
+    rows = [{"question": f"q{i}?", "answer": f"a{i}", "text": "ignored"} for i in range(10)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    proc = prepare_pairs(tmp_path / "qa.jsonl", tmp_path / "data", "--tokenizer", "char", "--prompt_field", "question",
+                         "--response_field", "answer")
+    assert proc.returncode == 0, proc.stderr
+    itos = load_meta(tmp_path / "data")["itos"]
+    val = "".join(itos[t] for t in np.fromfile(tmp_path / "data" / "val.bin", dtype="<u2"))
+    assert val == "q8?a8q9?a9"  # the last 20 % of the examples, whole; no separator is invented
+    mask = np.fromfile(tmp_path / "data" / "val.mask.bin", dtype=np.uint8)
+    assert mask.tolist() == [0, 0, 0, 1, 1] * 2

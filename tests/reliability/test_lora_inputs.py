@@ -23,6 +23,7 @@ PREPARE_CASES = {
                                                                       "--response_field", "answer"],
                                     ["qa.jsonl:2", "'instruction'"]),
     "response not a string": ({"prompt": "Q", "response": 3}, [], ["qa.jsonl:2", "'response'"]),
+    "a .txt file": ({"prompt": "Q", "response": "A"}, ["--txt"], ["notes.txt", ".jsonl"]),
 }
 
 
@@ -37,6 +38,9 @@ def test_bad_lora_or_pair_input_is_one_clear_error_and_changes_nothing(case, for
         row, options, needles = PREPARE_CASES[case]
         jsonl.write_text(json.dumps({"prompt": "Q", "response": "A", "instruction": "I", "answer": "A"}) + "\n" +
                          json.dumps(row) + "\n", encoding="utf-8")
+        if options == ["--txt"]:  # a plain text file has no pairs
+            jsonl, options = tmp_path / "notes.txt", []
+            jsonl.write_text("just text\n", encoding="utf-8")
         args = ["data/text/prepare.py", jsonl, "--format", "prompt_response", "--tokenizer", "char",
                 "--out_dir", tmp_path / "pairs", *options]
     before = snapshot(tmp_path)
