@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Literal
 
 from forge.errors import UserError
-from forge.lora import LoRASpec, check_spec
 
 
 class ConfigError(UserError):
@@ -131,6 +130,8 @@ class TrainConfig:
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.finetune == "lora":
+            from forge.lora import LoRASpec, check_spec  # imports torch: only for LoRA configs
+
             check_spec(LoRASpec.from_config(self))
             if self.optimizer != "adamw":
                 raise ConfigError(f"finetune=lora trains its adapters with optimizer='adamw', not {self.optimizer!r}")
