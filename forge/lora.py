@@ -31,7 +31,6 @@ from torch import nn
 
 from forge.errors import UserError
 
-FINETUNE_MODES = ("full", "lora")
 TARGET_NAMES = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "c_proj", "lm_head")
 
 
@@ -157,11 +156,6 @@ def lora_checkpoint_entries(state_dict: dict, spec: dict) -> tuple:
     lora = {**spec, "base": {f"{layer}.weight": state_dict[f"{layer}.weight"] for layer in layers},
             "adapters": {k: v for k, v in state_dict.items() if is_adapter(k)}}
     return merge_adapters(state_dict, spec["alpha"] / spec["rank"]), lora
-
-
-def base_state_dict(ckpt: dict) -> dict:
-    """The frozen base model of a LoRA checkpoint: its merged 'model' with the stored base weights put back."""
-    return {**ckpt["model"], **ckpt["lora"]["base"]}
 
 
 def spec_from_checkpoint(ckpt: dict) -> LoRASpec:
