@@ -32,6 +32,7 @@ from forge.data import TokenBatches, load_meta
 from forge.distributed import all_reduce_mean, destroy, gradient_sync, init_distributed
 from forge.errors import run_main
 from forge.flops import device_peak_flops
+from forge.lora import prepare_finetune
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
 from forge.tokenize import DataError
 from train import (accumulation_per_rank, create_model, model_vocab_size, optimizer_step, parallelize_and_build_optimizer,
@@ -100,6 +101,7 @@ def main(cfg: BenchConfig) -> None:
         batches, vocab_size = open_batches(cfg, dist)
         init = "scratch" if cfg.init_from in ("scratch", "resume", "auto") else cfg.init_from
         model, _, model_type = create_model(cfg, init, None, vocab_size)
+        prepare_finetune(model, cfg, None, cfg.out_dir)  # finetune=lora: frozen base, adapters only, as train.py
         model.to(dist.device)
         scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
         module, optimizer = parallelize_and_build_optimizer(cfg, model, dist, dtype)  # as train.py does

@@ -69,7 +69,7 @@ class TrainConfig:
     eval_iters: int = 200  # batches per split for each evaluation
     eval_only: bool = False  # evaluate once at the start, then exit
     always_save_checkpoint: bool = True  # save at every evaluation, not only when val loss improves
-    init_from: str = "scratch"  # 'scratch', 'resume', 'auto' (resume if out_dir has a checkpoint), 'gpt2*' or a local HF dir
+    init_from: str = "scratch"  # 'scratch', 'resume', 'auto' (resume if out_dir has a checkpoint), 'gpt2*', a local HF dir, or another run's out_dir (its ckpt.pt weights)
     keep_last: int = 0  # also keep the last N checkpoints as ckpt-<iter>.pt (0: only ckpt.pt)
     eval_hellaswag_interval: int = 0  # also score HellaSwag at evaluations every this many iterations (0: never; GPT-2 BPE data only)
     hellaswag_path: str = ""  # a local HellaSwag jsonl; '' = the official validation set, downloaded once into data/hellaswag
@@ -86,6 +86,12 @@ class TrainConfig:
     # model: model_type, then GPTConfig's keys (model.py, where they are declared and checked), but
     # vocab_size, which the data decides; training's own defaults in TRAIN_MODEL_DEFAULTS
     model_type: Literal["gpt", "bigram"] = "gpt"  # 'gpt' (the transformer) or 'bigram' (a lookup-table baseline)
+    # fine-tuning
+    finetune: Literal["full", "lora"] = "full"  # 'full' trains every weight; 'lora' freezes them and trains low-rank adapters (forge/lora.py)
+    lora_rank: int = 8  # finetune=lora: rank r of each adapter (A is r x in, B is out x r)
+    lora_alpha: float = 16.0  # finetune=lora: the adapters' update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.05  # finetune=lora: dropout on the adapters' input
+    lora_targets: str = "c_attn,c_proj,c_fc"  # finetune=lora: layers given adapters, of c_attn, attn.c_proj, c_fc, mlp.c_proj, c_proj (both), lm_head (untied only)
     # optimizer
     optimizer: str = "adamw"  # 'adamw' or 'muon' (forge/optim.py)
     muon_lr: float = 0.02  # Muon's lr for the hidden matrices at peak; follows the schedule as lr * muon_lr / learning_rate
@@ -149,6 +155,12 @@ class TrainConfig:
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
+        if self.finetune == "lora":
+            from forge.lora import LoRASpec, check_spec  # imports torch: only for LoRA configs
+
+            check_spec(LoRASpec.from_config(self))
+            if self.optimizer != "adamw":
+                raise ConfigError(f"finetune=lora trains its adapters with optimizer='adamw', not {self.optimizer!r}")
         if self.eval_hellaswag_interval % self.eval_interval:
             raise ConfigError(f"eval_hellaswag_interval={self.eval_hellaswag_interval} must be a multiple of "
                               f"eval_interval={self.eval_interval}: HellaSwag is scored at evaluation steps")

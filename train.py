@@ -31,6 +31,7 @@ from forge.errors import is_rank_zero, run_main
 from forge.flops import device_peak_flops
 from forge.hellaswag import HellaSwagTask
 from forge.io import lock_folder
+from forge.lora import prepare_finetune, trainable_summary
 from forge.metrics import MetricsLog, NonFiniteLossError
 from forge.optim import build_optimizer
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
@@ -79,11 +80,14 @@ def main(cfg: TrainConfig) -> None:
                                             seed=cfg.seed + EVAL_SEED_OFFSET, device=dist.device)
                         for split in ("train", "val")}
         loaders = [train_batches, *eval_batches.values()]
+        if train_batches.examples is not None:
+            log.info(f"{data_dir} train split: {train_batches.examples.describe()}")
         hellaswag = HellaSwagTask.load(meta, cfg.hellaswag_path, cfg.hellaswag_limit, dist.rank) \
             if cfg.eval_hellaswag_interval else None
 
         # -------------------------------------------------------------------- model
         model, model_args, model_type = create_model(cfg, init, ckpt, model_vocab_size(meta), meta, dist.device)
+        lora = prepare_finetune(model, cfg, ckpt, Path(cfg.out_dir) / "ckpt.pt")  # finetune=lora: the adapters' spec
         model.to(dist.device)
         seed_everything(cfg.seed + dist.rank)  # from here on (dropout) every rank draws its own stream
         scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
@@ -96,7 +100,8 @@ def main(cfg: TrainConfig) -> None:
             wandb_run_id = ckpt.get("wandb_run_id")
             log.info(f"resuming from {cfg.out_dir} at iter {iter_num}" + (f" ({not_restored})" if not_restored else ""))
             ckpt = None  # free the memory
-        log.info(f"{model_type} model, {model.get_num_params():,} parameters")
+        log.info(f"{model_type} model, {model.get_num_params():,} parameters" +
+                 (f"; LoRA: {trainable_summary(model)}" if lora else ""))
 
         # -------------------------------------------------------------------- logging
         if not cfg.eval_only:  # eval_only writes nothing
@@ -113,7 +118,7 @@ def main(cfg: TrainConfig) -> None:
                 cfg.out_dir, model=model, optimizer=optimizer, scaler=scaler, loader=train_batches,
                 keep_last=cfg.keep_last, write=dist.is_main, model_args=model_args, model_type=model_type,
                 tokenizer=tokenizer_identity(meta), iter_num=iter_num, best_val_loss=best_val_loss,
-                config=config_dict(cfg), wandb_run_id=wandb_run_id)
+                config=config_dict(cfg), wandb_run_id=wandb_run_id, **({"lora": lora} if lora else {}))
             log.info(f"saved checkpoint to {path} ({reason})")
 
         # -------------------------------------------------------------------- the loop
@@ -202,7 +207,7 @@ def resolve_init(init_from: str, out_dir: str, eval_only: bool = False):
         return "resume", load_checkpoint(out_dir)
     if init_from != "scratch" and not (init_from.startswith("gpt2") or Path(init_from).is_dir()):
         raise ConfigError(f"init_from={init_from!r} is not scratch, resume, auto, a GPT-2 name (gpt2, gpt2-medium, "
-                          "gpt2-large, gpt2-xl) or a local Hugging Face GPT-2 directory")
+                          "gpt2-large, gpt2-xl), a local Hugging Face GPT-2 directory or a run's out_dir")
     if exists and not eval_only:
         raise CheckpointError(f"{Path(out_dir) / 'ckpt.pt'} already exists and init_from={init_from} would overwrite "
                               "it: continue it with --init_from=resume (or auto), or choose another --out_dir")
@@ -254,17 +259,20 @@ def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int, meta: dict 
     if init == "resume":
         check_model_args(ckpt, Path(cfg.out_dir) / "ckpt.pt")  # before anything is allocated from it
         check_checkpoint_matches(cfg, ckpt, meta)
-        model_args, model_type = model_args_of(ckpt), ckpt["model_type"]
-        model_args["dropout"] = cfg.dropout  # not a shape: the config's value applies to the rest of the run
-        check_training_fits(model_args, cfg.batch_size, device)
-        model = build_model(model_type, model_args)
-        load_model_weights(model, ckpt["model"], Path(cfg.out_dir) / "ckpt.pt")
-        return model, model_args, model_type
+        return model_from_checkpoint(ckpt, cfg, Path(cfg.out_dir) / "ckpt.pt", device)
     if init == "scratch":
         names = {f.name for f in dataclasses.fields(GPTConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
         model_args = {name: getattr(cfg, name) for name in sorted(names)} | {"vocab_size": vocab_size}
         check_training_fits(model_args, cfg.batch_size, device)  # absurd sizes: one line, not an OOM
         return build_model(cfg.model_type, model_args), model_args, cfg.model_type
+    if has_checkpoint(init):  # another run of ours: its weights and architecture, a fresh optimizer and schedule
+        source, ckpt = Path(init) / "ckpt.pt", load_checkpoint(init)
+        check_model_args(ckpt, source)
+        if meta is not None:
+            check_same_tokenizer(ckpt.get("tokenizer"), meta, cfg.data_dir or f"data/{cfg.dataset}", source,
+                                 "fine-tune it on data prepared with the tokenizer it was trained with")
+        model, _, model_type = model_from_checkpoint(ckpt, cfg, source, device)
+        return fit_pretrained(cfg, init, model, meta), dataclasses.asdict(model.config), model_type
     if cfg.model_type != "gpt":
         raise ConfigError(f"init_from={init} loads a GPT-2; model_type={cfg.model_type!r} cannot be fine-tuned from it")
     for option in dataclasses.fields(GPTConfig):  # GPT-2's weights fix the architecture: an option would be ignored
@@ -272,18 +280,34 @@ def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int, meta: dict 
             raise ConfigError(f"{option.name}={getattr(cfg, option.name)!r} cannot apply to {init}'s pretrained "
                               f"architecture: drop it to fine-tune GPT-2, or train from scratch with it")
     model = GPT.from_pretrained(init, {"dropout": cfg.dropout})
+    if meta is not None and model.config.vocab_size == GPT2_VOCAB_SIZE:  # GPT-2's BPE; another HF vocabulary: its own
+        check_same_tokenizer(tokenizer_identity(gpt2_meta()), meta, cfg.data_dir or f"data/{cfg.dataset}", init,
+                             "prepare the data with the GPT-2 tokenizer")
+    return fit_pretrained(cfg, init, model, meta), dataclasses.asdict(model.config), "gpt"
+
+
+def model_from_checkpoint(ckpt: dict, cfg: TrainConfig, source: Path, device=None):
+    """(model, model_args, model_type) rebuilt from a checkpoint's 'model' (for LoRA runs, the merged weights),
+    with the config's dropout; a size that cannot fit `device` is refused before anything is built."""
+    model_args, model_type = model_args_of(ckpt), ckpt["model_type"]
+    model_args["dropout"] = cfg.dropout  # not a shape: the config's value applies to the rest of the run
+    check_training_fits(model_args, cfg.batch_size, device)
+    model = build_model(model_type, model_args)
+    load_model_weights(model, ckpt["model"], source)
+    return model, model_args, model_type
+
+
+def fit_pretrained(cfg: TrainConfig, init: str, model, meta: dict | None):
+    """A pretrained model cropped to the config's block_size, checked against the dataset's vocabulary."""
     if cfg.block_size > model.config.block_size:
         raise ConfigError(f"block_size={cfg.block_size} is larger than {init}'s {model.config.block_size}; "
                           f"use --block_size={model.config.block_size} or less")
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
-    if meta is not None and model.config.vocab_size == GPT2_VOCAB_SIZE:  # GPT-2's BPE; another HF vocabulary: its own
-        check_same_tokenizer(tokenizer_identity(gpt2_meta()), meta, cfg.data_dir or f"data/{cfg.dataset}", init,
-                             "prepare the data with the GPT-2 tokenizer")
     if meta is not None and meta["vocab_size"] > model.config.vocab_size:
         raise ConfigError(f"the dataset's vocabulary ({meta['vocab_size']} ids) is larger than {init}'s "
                           f"({model.config.vocab_size}): prepare the data with the GPT-2 tokenizer")
-    return model, dataclasses.asdict(model.config), "gpt"
+    return model
 
 
 def parallelize_and_build_optimizer(cfg: TrainConfig, model, dist, dtype):

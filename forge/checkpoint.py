@@ -408,6 +408,7 @@ def save_training_state(out_dir, *, model, optimizer, scaler, loader, keep_last:
     writer. Returns the checkpoint's path.
     """
     from forge.distributed import any_rank, full_model_state_dict, full_optimizer_state_dict
+    from forge.lora import lora_checkpoint_entries
 
     state = {
         "model": full_model_state_dict(model),  # the raw model: no _orig_mod. / module. prefixes
@@ -418,6 +419,8 @@ def save_training_state(out_dir, *, model, optimizer, scaler, loader, keep_last:
         **fields,
         **checkpoint_model_args(fields["model_args"], fields.get("model_type", "gpt")),
     }
+    if fields.get("lora"):  # LoRA: 'model' gets the merged weights, 'lora' the frozen base and adapters
+        state["model"], state["lora"] = lora_checkpoint_entries(state["model"], fields["lora"])
     error = None
     if write:
         try:

@@ -9,6 +9,15 @@ The training batches are deterministic and world-size invariant: the window offs
 sample i of optimizer step s is a pure function of (seed, split, s, i), so 1 process with gradient
 accumulation 8 sees exactly the batches of 8 processes with accumulation 1, and a resumed run
 continues the identical stream from `state_dict()`.
+
+A prompt/response folder (meta.json "loss_mask": true, from data/text/prepare.py --format
+prompt_response) also holds `<split>.mask.bin` (uint8 per token: 1 where the token is a target the loss
+counts) and `<split>.starts.bin` (int64: each example's first token). Its windows are PADDED, one
+example each: a window starts at an example's start (the model sees it from position 0, as at
+inference), holds only that example (its first block_size + 1 tokens if longer), and every target that
+is prompt, padding or past the example is -1, the model's ignore_index, so the loss is the mean over
+the response tokens only. Which example a sample takes is drawn as above (deterministic, world-size
+invariant, resumable); examples with no response token within block_size are never drawn.
 """
 import json
 import pickle
@@ -20,7 +29,7 @@ import numpy as np
 import torch
 
 from forge.io import os_reason
-from forge.tokenize import DTYPES, GPT2_VOCAB_SIZE, DataError
+from forge.tokenize import DTYPES, GPT2_VOCAB_SIZE, STARTS_DTYPE, DataError
 
 # nanoGPT's OpenWebText folder has no metadata: GPT-2 BPE in uint16 is what it means.
 DEFAULT_META = {"vocab_size": GPT2_VOCAB_SIZE, "tokenizer": "gpt2", "dtype": "uint16"}
@@ -197,6 +206,65 @@ def check_token_ids(windows: np.ndarray, offsets, vocab_size: int, path) -> None
                         "tokenizer or dtype (uint16 vs uint32); re-run the dataset's prepare.py")
 
 
+class Examples:
+    """The examples of a prompt/response split (module docstring): their starts, ends and loss mask."""
+
+    def __init__(self, data_dir, split: str, num_tokens: int, block_size: int):
+        data_dir = Path(data_dir)
+        mask_path, starts_path = data_dir / f"{split}.mask.bin", data_dir / f"{split}.starts.bin"
+        for path in (mask_path, starts_path):
+            if not path.is_file():
+                raise DataError(f"{path} not found, but {data_dir / 'meta.json'} says the data has a loss mask: "
+                                f"re-run data/text/prepare.py --format prompt_response for {data_dir}")
+        if mask_path.stat().st_size != num_tokens or starts_path.stat().st_size % STARTS_DTYPE.itemsize:
+            raise DataError(f"{mask_path} or {starts_path} does not fit {split}.bin's {num_tokens:,} tokens: the folder "
+                            "is damaged or mixed from two preparations; re-run the prepare script")
+        self.mask = TokenFile(np.memmap(mask_path, dtype=np.uint8, mode="r"))  # read per batch, like the tokens
+        starts = np.fromfile(starts_path, dtype=STARTS_DTYPE)
+        if len(starts) == 0 or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= num_tokens:
+            raise DataError(f"{starts_path} is not an increasing list of example starts within {split}.bin; "
+                            "re-run the prepare script")
+        ends = np.append(starts[1:], num_tokens)
+        # the first counted target of each example: one with none in its first block_size targets adds nothing
+        counted = np.append(np.flatnonzero(np.fromfile(mask_path, dtype=np.uint8)), num_tokens)
+        first_target = counted[np.searchsorted(counted, starts + 1)]
+        usable = first_target < np.minimum(starts + block_size + 1, ends)
+        if not usable.any():
+            raise DataError(f"no example of {data_dir / split}.bin has a response token within block_size={block_size} "
+                            "tokens of its start: raise block_size or shorten the prompts")
+        self.starts, self.ends = starts[usable], ends[usable]
+        self.skipped = int((~usable).sum())
+        self.cut = int((self.ends - self.starts > block_size + 1).sum())
+
+    def describe(self) -> str:
+        """What a run should know about the examples: how many, and how many block_size cuts or leaves out."""
+        text = f"{len(self):,} prompt/response examples, loss on the responses only"
+        if self.cut:
+            text += f"; {self.cut:,} longer than block_size + 1 tokens are cut"
+        if self.skipped:
+            text += f"; {self.skipped:,} without a response token within block_size are left out"
+        return text
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def windows(self, tokens: "TokenFile", offsets: np.ndarray, block_size: int, vocab_size: int,
+                path) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) int64 (len(offsets), block_size): the examples starting at offsets, padded, y -1 where not
+        counted; ids are checked against vocab_size (check_token_ids, naming `path`)."""
+        ends = self.ends[np.searchsorted(self.starts, offsets)]
+        x = np.zeros((len(offsets), block_size), dtype=np.int64)
+        y = np.full((len(offsets), block_size), -1, dtype=np.int64)
+        for row, (start, end) in enumerate(zip(offsets, ends)):
+            n = min(block_size, int(end - start) - 1)  # the targets this example has in the window
+            window = tokens.windows([start], n + 1)
+            check_token_ids(window, [start], vocab_size, path)
+            mask = self.mask.windows([start + 1], n)[0]
+            x[row, :n] = window[0, :-1]
+            y[row, :n] = np.where(mask == 1, window[0, 1:].astype(np.int64), -1)
+        return x, y
+
+
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         # from pinned host memory the copy overlaps with compute (non_blocking)
@@ -233,7 +301,9 @@ class TokenBatches:
         self.vocab_size = self.meta["vocab_size"]
         tokens = open_split(self.data_dir, split, self.meta)  # checked here, then read per batch (TokenFile)
         self.num_tokens = len(tokens)
-        _check_length(tokens, self.data_dir / f"{split}.bin", block_size)
+        self.examples = Examples(self.data_dir, split, self.num_tokens, block_size) if self.meta.get("loss_mask") else None
+        if self.examples is None:
+            _check_length(tokens, self.data_dir / f"{split}.bin", block_size)
         self._tokens = TokenFile(tokens)
         self.micro_steps_per_rank = grad_accum_steps // world_size
         self._split_id = _stable_split_id(split)
@@ -252,13 +322,20 @@ class TokenBatches:
             raise ValueError(f"step ({step}) and micro_step ({micro_step}) must be non-negative")
         rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, self._split_id, step])))
         first = micro_step * self.batch_size
+        if self.examples is not None:  # a whole example per window: draw which one
+            draws = rng.integers(0, len(self.examples), size=first + self.batch_size, dtype=np.int64)
+            return self.examples.starts[draws[first:]]
         draws = rng.integers(0, self.num_tokens - self.block_size, size=first + self.batch_size, dtype=np.int64)
         return draws[first:]
 
     def _cpu_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         offsets = self.window_offsets(step, micro_step)
+        path = self.data_dir / f"{self.split}.bin"
+        if self.examples is not None:
+            x, y = self.examples.windows(self._tokens, offsets, self.block_size, self.vocab_size, path)
+            return torch.from_numpy(x), torch.from_numpy(y)
         windows = self._tokens.windows(offsets, self.block_size + 1)
-        check_token_ids(windows, offsets, self.vocab_size, self.data_dir / f"{self.split}.bin")
+        check_token_ids(windows, offsets, self.vocab_size, path)
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # model.py views them flat
 
@@ -322,6 +399,10 @@ class SequentialWindows:
     batch j goes to rank j % world_size. Every rank yields the same number of full-shape batches
     (padding batches have y all -1), so collective forwards (FSDP) stay in step: sum the per-token
     losses where y != -1 and all-reduce the sums and counts.
+
+    A prompt/response split (loss mask) is scored as in training: window k is example k, padded,
+    with only its response tokens as targets; max_targets then limits the number of examples to
+    max_targets // block_size (at least one).
     """
 
     def __init__(self, data_dir, split, block_size, batch_size, *, rank=0, world_size=1, device="cpu", max_targets=0):
@@ -340,6 +421,9 @@ class SequentialWindows:
         if max_targets > 0:  # a quick run: only the first max_targets targets (evaluate.py --limit_tokens)
             self.num_targets = min(self.num_targets, max_targets)
         self.num_windows = -(-self.num_targets // block_size)
+        self.examples = Examples(data_dir, split, len(tokens), block_size) if meta.get("loss_mask") else None
+        if self.examples is not None:
+            self.num_windows = len(self.examples) if not max_targets else min(len(self.examples), self.num_windows)
         num_batches = -(-self.num_windows // batch_size)
         self.batches_per_rank = -(-num_batches // world_size)
 
@@ -350,6 +434,12 @@ class SequentialWindows:
         T = self.block_size
         x = torch.zeros(self.batch_size, T, dtype=torch.int64)
         y = torch.full((self.batch_size, T), -1, dtype=torch.int64)
+        if self.examples is not None:
+            starts = self.examples.starts[j * self.batch_size:min((j + 1) * self.batch_size, self.num_windows)]
+            rows = len(starts)
+            x[:rows], y[:rows] = map(torch.from_numpy, self.examples.windows(self._tokens, starts, T, self.vocab_size,
+                                                                             self.path))
+            return _to_device(x, self.device), _to_device(y, self.device)
         for row, k in enumerate(range(j * self.batch_size, min((j + 1) * self.batch_size, self.num_windows))):
             n = min(T, self.num_targets - k * T)
             window = self._tokens.windows([k * T], n + 1)

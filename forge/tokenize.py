@@ -25,6 +25,7 @@ GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256
 UINT16_VOCAB_LIMIT = 1 << 16  # ids 0..65535 fit uint16
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # bins are little-endian on every machine
+STARTS_DTYPE = np.dtype("<i8")  # <split>.starts.bin of a prompt/response dataset: each example's first token
 
 
 class DataError(UserError):
@@ -291,14 +292,20 @@ def split_tail(path, tail_path, dtype: str, tail_fraction: float) -> tuple[int, 
     itemsize = DTYPES[dtype].itemsize
     total = os.path.getsize(path) // itemsize
     num_head = int(total * (1 - tail_fraction))
+    move_tail(path, tail_path, num_head * itemsize)
+    return num_head, total - num_head
+
+
+def move_tail(path, tail_path, head_bytes: int) -> None:
+    """Move the bytes of file `path` after its first head_bytes to a new file `tail_path` (streamed) and
+    truncate `path` to head_bytes."""
     with open(path, "r+b") as src, open(tail_path, "wb") as dst:
-        src.seek(num_head * itemsize)
+        src.seek(head_bytes)
         while block := src.read(1 << 24):
             dst.write(block)
         fsync_file(dst)
-        src.truncate(num_head * itemsize)
+        src.truncate(head_bytes)
         fsync_file(src)
-    return num_head, total - num_head
 
 
 def write_text_split(text: str, out_dir, meta: dict, *, train_fraction: float = 0.9, num_proc: int = 1,

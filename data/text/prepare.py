@@ -4,6 +4,7 @@
     python data/text/prepare.py books/ --out_dir data/books      # every .txt and .jsonl under books/
     python data/text/prepare.py chats.jsonl --text_field body    # one document per JSON line
     python data/text/prepare.py poems.txt --tokenizer char       # a character vocabulary
+    python data/text/prepare.py qa.jsonl --format prompt_response # fine-tuning pairs: loss on responses only
 
 Inputs are .txt files (each one document), .jsonl files (one JSON object per line, each one
 document, its text in --text_field) or directories of them (searched recursively, in sorted
@@ -11,8 +12,17 @@ order); other files named explicitly are read as text. With --tokenizer gpt2 (fo
 GPT-2) every document ends with the end-of-text token 50256; with --tokenizer char the vocabulary
 is the sorted unique characters of the corpus. The last --val_fraction of the token stream is val.
 Files are streamed, so memory stays bounded whatever the corpus size.
+
+--format prompt_response reads .jsonl rows {"prompt": ..., "response": ...} (names set by
+--prompt_field / --response_field; the prompt holds whatever template or separator you want the model
+to see, nothing is added but the end-of-text token after the response). Each example is the prompt's
+tokens then the response's (then 50256 with GPT-2 BPE); train.bin/val.bin keep their format, and
+beside them `<split>.mask.bin` (uint8, one per token: 1 where the token is a target the loss counts,
+i.e. the response and its end-of-text) and `<split>.starts.bin` (little-endian int64: where each
+example starts). meta.json says "loss_mask": true. The last --val_fraction of the examples is val.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,12 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 from tqdm import tqdm  # noqa: E402
 
 from forge.errors import ArgumentParser, run_main  # noqa: E402
-from forge.tokenize import (DataError, PreparedFolder, char_meta, default_num_proc,  # noqa: E402
-                            gpt2_meta, num_proc, split_tail, tokenize_to_bin)
+import numpy as np  # noqa: E402
+
+from forge.tokenize import (DTYPES, STARTS_DTYPE, DataError, PreparedFolder, char_meta,  # noqa: E402
+                            default_num_proc, get_tokenizer, gpt2_meta, move_tail, num_proc, split_tail,
+                            tokenize_to_bin)
 
 DATA = Path(__file__).resolve().parents[1]
 CORPUS_SUFFIXES = (".txt", ".jsonl")
 BLOCK_CHARS = 1 << 20  # a .txt file is read in blocks of this many characters
+EXAMPLES_PER_BATCH = 1024  # prompt/response pairs tokenized per call
 
 
 def input_files(paths) -> list[Path]:
@@ -57,7 +71,8 @@ def _text_blocks(path: Path):
         raise DataError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _jsonl_documents(path: Path, text_field: str):
+def _jsonl_records(path: Path, fields: list, option: str):
+    """(the values of `fields`) of each non-empty line of a .jsonl file, or a DataError naming file:line."""
     try:
         with open(path, "r", encoding="utf-8") as f:
             for line_number, line in enumerate(f, 1):
@@ -67,12 +82,26 @@ def _jsonl_documents(path: Path, text_field: str):
                     record = json.loads(line)
                 except ValueError as exc:
                     raise DataError(f"{path}:{line_number}: not valid JSON ({exc})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise DataError(f"{path}:{line_number}: expected a JSON object with a text field "
-                                    f"{text_field!r} (choose the field with --text_field)")
-                yield record[text_field]
+                bad = [name for name in fields if not isinstance(record, dict) or not isinstance(record.get(name), str)]
+                if bad:
+                    raise DataError(f"{path}:{line_number}: expected a JSON object with a text field {bad[0]!r} "
+                                    f"(choose the field with {option})")
+                yield tuple(record[name] for name in fields)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text ({exc.reason}); convert it to UTF-8") from None
+
+
+def _jsonl_documents(path: Path, text_field: str):
+    for (text,) in _jsonl_records(path, [text_field], "--text_field"):
+        yield text
+
+
+def prompt_response_pairs(files, prompt_field: str, response_field: str):
+    """(prompt, response) of every row of the .jsonl files, in order."""
+    for path in files:
+        if path.suffix != ".jsonl":
+            raise DataError(f"{path}: --format prompt_response reads .jsonl files (one JSON object per line)")
+        yield from _jsonl_records(path, [prompt_field, response_field], "--prompt_field / --response_field")
 
 
 def documents(files, text_field: str):
@@ -84,13 +113,64 @@ def documents(files, text_field: str):
             yield _text_blocks(path)
 
 
-def corpus_characters(files, text_field: str) -> list[str]:
-    """The sorted unique characters of the corpus (a first streaming pass, for --tokenizer char)."""
+def corpus_characters(docs) -> list[str]:
+    """The sorted unique characters of the documents (a first streaming pass, for --tokenizer char)."""
     chars = set()
-    for doc in tqdm(documents(files, text_field), desc="vocabulary", unit="doc", delay=1.0):
+    for doc in tqdm(docs, desc="vocabulary", unit="doc", delay=1.0):
         for part in (doc,) if isinstance(doc, str) else doc:
             chars.update(part)
     return sorted(chars)
+
+
+def write_examples(pairs, folder: PreparedFolder, meta: dict, val_fraction: float) -> dict:
+    """Tokenize (prompt, response) pairs into the folder's train/val bins, loss masks and example starts,
+    then commit it with meta (plus "loss_mask": true). Returns {split: number of examples}."""
+    tokenizer = get_tokenizer(meta)
+    eot = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
+    dtype = DTYPES[meta["dtype"]]
+    starts, num_tokens = [], 0
+    with open(folder.temp("train.bin"), "wb") as tokens_file, open(folder.temp("train.mask.bin"), "wb") as mask_file:
+        for batch in _batched(tqdm(pairs, desc="examples", unit="ex", delay=1.0), EXAMPLES_PER_BATCH):
+            prompts = tokenizer.encode_batch([prompt for prompt, _ in batch])
+            responses = tokenizer.encode_batch([response for _, response in batch])
+            for prompt, response in zip(prompts, responses):
+                ids = np.asarray([*prompt, *response, *eot], dtype=np.int64)
+                mask = np.zeros(len(ids), dtype=np.uint8)
+                mask[len(prompt):] = 1  # the response and its end-of-text are the targets
+                starts.append(num_tokens)
+                num_tokens += len(ids)
+                tokens_file.write(ids.astype(dtype).tobytes())
+                mask_file.write(mask.tobytes())
+        for f in (tokens_file, mask_file):
+            f.flush()
+            os.fsync(f.fileno())
+    num_val = int(len(starts) * val_fraction)
+    num_train = len(starts) - num_val
+    if num_train == 0 or num_val == 0:
+        raise DataError(f"{len(starts)} prompt/response example(s) are too few to split with --val_fraction "
+                        f"{val_fraction}: add examples or change --val_fraction")
+    cut = starts[num_train]
+    move_tail(folder.temp("train.bin"), folder.temp("val.bin"), cut * dtype.itemsize)
+    move_tail(folder.temp("train.mask.bin"), folder.temp("val.mask.bin"), cut)
+    starts = np.asarray(starts, dtype=STARTS_DTYPE)
+    for split, split_starts in (("train", starts[:num_train]), ("val", starts[num_train:] - cut)):
+        with open(folder.temp(f"{split}.starts.bin"), "wb") as f:
+            f.write(split_starts.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+    folder.commit({**meta, "loss_mask": True})
+    return {"train": num_train, "val": num_val}
+
+
+def _batched(items, n: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def main(argv=None) -> None:
@@ -100,6 +180,10 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2", help="GPT-2 BPE or characters")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of the tokens kept for val")
     parser.add_argument("--text_field", default="text", help="the text field of .jsonl records")
+    parser.add_argument("--format", choices=("text", "prompt_response"), default="text",
+                        help="documents, or .jsonl prompt/response pairs trained on the response only")
+    parser.add_argument("--prompt_field", default="prompt", help="--format prompt_response: the prompt's field")
+    parser.add_argument("--response_field", default="response", help="--format prompt_response: the response's field")
     parser.add_argument("--num_proc", type=num_proc, default=default_num_proc(), help="tokenizer processes (default: all cores)")
     parser.add_argument("--force", action="store_true", help="replace the dataset already in --out_dir")
     args = parser.parse_args(argv)
@@ -108,13 +192,23 @@ def main(argv=None) -> None:
     files = input_files(args.inputs)
     out_dir = args.out_dir or DATA / Path(args.inputs[0]).resolve().stem
 
+    pairs = args.format == "prompt_response"
     if args.tokenizer == "char":
-        chars = corpus_characters(files, args.text_field)
+        texts = (prompt + response for prompt, response in prompt_response_pairs(
+            files, args.prompt_field, args.response_field)) if pairs else documents(files, args.text_field)
+        chars = corpus_characters(texts)
         if not chars:
             raise DataError(f"the inputs hold no text: {', '.join(map(str, args.inputs))}")
         meta = char_meta(chars)
     else:
         meta = gpt2_meta()
+    if pairs:
+        with PreparedFolder(out_dir, force=args.force) as folder:
+            examples = write_examples(prompt_response_pairs(files, args.prompt_field, args.response_field),
+                                      folder, meta, args.val_fraction)
+        print(f"{len(files)} file(s), {meta['tokenizer']} vocab {meta['vocab_size']:,}: train {examples['train']:,} "
+              f"examples, val {examples['val']:,} examples (loss on responses only) -> {out_dir}")
+        return
     with PreparedFolder(out_dir, force=args.force) as folder:
         train = folder.temp("train.bin")
         written = tokenize_to_bin(documents(files, args.text_field), train, meta, num_proc=args.num_proc,
