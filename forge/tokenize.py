@@ -139,10 +139,10 @@ def check_same_tokenizer(recorded, meta: dict, data: str, model: str, advice: st
     if recorded is None or recorded == tokenizer_identity(meta):
         return
     same_kind = recorded.get("kind") == meta["tokenizer"] and recorded.get("vocab_size") == meta["vocab_size"]
-    what = "the same size" if same_kind else f"'{meta['tokenizer']}', {meta['vocab_size']} ids"
-    what = f"another vocabulary ({what})"
-    raise DataError(f"{data} is tokenized with {what}, but {model} was trained with '{recorded.get('kind')}' "
-                    f"({recorded.get('vocab_size')} ids, sha256 {recorded.get('sha256')}): {advice}")
+    what = f"'{meta['tokenizer']}' ({meta['vocab_size']} ids{', another vocabulary of the same size' * same_kind})"
+    raise DataError(f"{data} is tokenized with {what}, not the vocabulary {model} was trained with "
+                    f"('{recorded.get('kind')}', {recorded.get('vocab_size')} ids, sha256 {recorded.get('sha256')}): "
+                    f"{advice}")
 
 
 # ----------------------------------------------------------------------------- the streaming pipeline
