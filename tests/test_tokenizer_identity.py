@@ -7,7 +7,7 @@ import pytest
 
 import train
 from forge.checkpoint import load_checkpoint
-from forge.data import DataError, TokenBatches, load_meta, sequential_windows
+from forge.data import DataError, SequentialWindows, TokenBatches, load_meta
 from forge.tokenize import (PreparedFolder, char_meta, check_same_tokenizer, gpt2_meta, tokenizer_identity,
                             write_text_split)
 from tests.test_train import tiny_config
@@ -56,7 +56,7 @@ def test_an_id_between_the_real_and_the_padded_vocabulary_is_caught_when_its_bat
         for step in range(200):
             batches.get_batch(step, 0)
     with pytest.raises(DataError, match=r"val.bin holds token id 50300 at token 123"):
-        list(sequential_windows(folder, "val", 16, 4))
+        list(SequentialWindows(folder, "val", 16, 4))
 
 
 def test_a_recorded_largest_id_outside_the_vocabulary_fails_before_any_batch(tmp_path):
