@@ -205,7 +205,7 @@ def wait_for(workers: list, received: list) -> int:
                 if worker.poll() is None:
                     killed.add(rank)
                     worker.kill()
-        time.sleep(0.05)
+        time.sleep(0.2)
     codes = {rank: worker.returncode for rank, worker in enumerate(workers)}
     if all(code == 0 for code in codes.values()):
         return 0
