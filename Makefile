@@ -23,7 +23,8 @@ install: $(PY)
 install-dev: $(PY)
 	$(PY) -m pip install '$(TORCH)' -e '.[dev]'
 
-# The GPU baby GPT when CUDA is present, the small CPU configuration otherwise.
+# The GPU baby GPT when CUDA is present, the small CPU configuration otherwise (train.py runs it as
+# one process per physical core, one thread each: forge/cpulaunch.py).
 # init_from=auto: running `make run` again resumes (or just samples) instead of starting over.
 run: install
 	$(PY) data/shakespeare_char/prepare.py

@@ -9,9 +9,10 @@ collapse when another job takes a core); processes with one thread each, all-red
 gradients over gloo, do not. The loader's batches do not depend on the world size, so N processes
 train the same model as one (up to the order of the gradient sums' float rounding).
 
-train.py's and bench.py's entries call run_on_cpu_cores(main, cfg, ...): on a CPU, outside any launcher, it runs
-the same script again as N worker processes (torchrun's environment: RANK, WORLD_SIZE, MASTER_ADDR,
-...) and returns their exit code. How many (the `cpu_procs` key and OMP_NUM_THREADS):
+train.py's and bench.py's entries call run_on_cpu_cores(main, cfg, ...): on a CPU, outside any
+launcher, it runs the same script again as N worker processes (torchrun's environment: RANK,
+WORLD_SIZE, MASTER_ADDR, ...) and exits with their code (bench.py's --threads: one process).
+How many (the `cpu_procs` key and OMP_NUM_THREADS):
 - cpu_procs='auto' (the default): the most processes, up to the physical cores this process may use,
   that divide gradient_accumulation_steps (the micro-steps are split across processes) and that
   fit in the available memory, by an estimate from the model's shape; threads: the cores divided
@@ -205,7 +206,7 @@ def wait_for(workers: list, received: list) -> int:
                 if worker.poll() is None:
                     killed.add(rank)
                     worker.kill()
-        time.sleep(0.05)
+        time.sleep(0.2)
     codes = {rank: worker.returncode for rank, worker in enumerate(workers)}
     if all(code == 0 for code in codes.values()):
         return 0
