@@ -80,11 +80,14 @@ def eval_data_dir(cfg: EvalConfig, run_data_dir: Path | None) -> Path:
 
 def check_same_tokenizer(data_meta: dict, model_meta: dict, data_dir: Path, source: str) -> None:
     """Token ids only mean something under the tokenizer the model was trained with."""
-    same = data_meta["tokenizer"] == model_meta["tokenizer"] and data_meta.get("itos") == model_meta.get("itos")
+    same = all(data_meta.get(key) == model_meta.get(key) for key in ("tokenizer", "itos", "tokenizer_sha256"))
+    def describe(meta):
+        trained = f", tokenizer.json SHA-256 {meta['tokenizer_sha256'][:12]}..." if "tokenizer_sha256" in meta else ""
+        return f"'{meta['tokenizer']}' ({meta['vocab_size']} ids{trained})"
+
     if not same:
-        raise DataError(f"{data_dir} is tokenized with '{data_meta['tokenizer']}' ({data_meta['vocab_size']} ids) but "
-                        f"{source} uses '{model_meta['tokenizer']}' ({model_meta['vocab_size']} ids): evaluate it on data "
-                        "prepared with its own tokenizer")
+        raise DataError(f"{data_dir} is tokenized with {describe(data_meta)} but {source} uses {describe(model_meta)}: "
+                        "evaluate it on data prepared with its own tokenizer")
 
 
 @torch.no_grad()

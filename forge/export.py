@@ -12,6 +12,7 @@ import sys
 
 from forge.errors import ArgumentParser, UserError, run_main
 from forge.inference import load_for_inference
+from forge.tokenize import write_hf_tokenizer
 
 
 def main(argv: list[str]) -> None:
@@ -25,6 +26,8 @@ def main(argv: list[str]) -> None:
     if not hasattr(loaded.model, "save_pretrained"):
         raise UserError(f"{loaded.source} is a {type(loaded.model).__name__}, which has no GPT-2 equivalent to export to")
     loaded.model.save_pretrained(args.dest, vocab_size=loaded.meta["vocab_size"])
+    if loaded.meta["tokenizer"] == "bpe":  # the dataset's own tokenizer goes with the model
+        write_hf_tokenizer(loaded.meta, loaded.meta_dir, args.dest)
     print(f"exported {loaded.source} to {args.dest} (GPT-2 format, vocabulary {loaded.meta['vocab_size']}, "
           f"{loaded.meta['tokenizer']} tokenizer)")
 
