@@ -80,8 +80,8 @@ def open_stream(dataset: str, subset: str, input_path: Path | None):
                         "HF_HUB_OFFLINE), or pass --input with local .parquet/.jsonl files") from None
 
 
-def texts(stream, source: str):
-    """The text of every record, in stream order; a failed read (e.g. the network) is one DataError."""
+def texts(stream, source: str, local: bool):
+    """The text of every record, in stream order; a failed read (a bad file, the network) is one DataError."""
     records = iter(stream)
     while True:
         try:
@@ -89,8 +89,8 @@ def texts(stream, source: str):
         except StopIteration:
             return
         except Exception as exc:
-            raise DataError(f"reading {source} failed ({_first_line(exc)}); run the same command again "
-                            "to start over") from None
+            advice = "fix or remove the bad file" if local else "run the same command again to start over"
+            raise DataError(f"reading {source} failed ({_first_line(exc)}); {advice}") from None
         text = record.get("text")
         if not isinstance(text, str):
             raise DataError(f"{source}: a record has no 'text' string (its fields: {', '.join(record)})")
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
         return
 
     source, stream = open_stream(args.dataset, args.subset, args.input)
-    documents = texts(stream, source)
+    documents = texts(stream, source, local=args.input is not None)
     meta = gpt2_meta()
     with PreparedFolder(out_dir) as folder:
         val = tokenize_to_bin(islice(documents, args.val_documents), folder.temp("val.bin"), meta,
