@@ -80,18 +80,18 @@ def test_the_hub_path_is_the_same_reader(tmp_path, monkeypatch, shards):
     calls = []
     real_load_dataset = datasets.load_dataset
 
-    def hub(path, name=None, data_files=None, split=None, streaming=False):
-        calls.append((path, name, split, streaming))
+    def hub(path, name=None, data_files=None, split=None, streaming=False, **options):
+        calls.append((path, name, split, streaming, options["columns"]))
         if path == "HuggingFaceFW/fineweb":
-            files = sorted(str(p) for p in (shards / "parquet").iterdir())
-            return real_load_dataset("parquet", data_files=files, split=split, streaming=streaming)
-        return real_load_dataset(path, data_files=data_files, split=split, streaming=streaming)
+            data_files = sorted(str(p) for p in (shards / "parquet").iterdir())
+        return real_load_dataset("parquet", data_files=data_files, split=split, streaming=streaming, **options)
 
     monkeypatch.setattr(datasets, "load_dataset", hub)
     common = ["--val_documents", str(VAL_DOCUMENTS), "--num_proc", "1", "--max_tokens", "3000"]
     prepare.main(["--dataset", "fineweb", "--subset", "sample-10BT", "--out_dir", str(tmp_path / "hub"), *common])
     prepare.main(["--input", str(shards / "parquet"), "--out_dir", str(tmp_path / "local"), *common])
-    assert calls == [("HuggingFaceFW/fineweb", "sample-10BT", "train", True), ("parquet", None, "train", True)]
+    assert calls == [("HuggingFaceFW/fineweb", "sample-10BT", "train", True, ["text"]),
+                     ("parquet", None, "train", True, ["text"])]
     assert bins(tmp_path / "hub") == bins(tmp_path / "local")
 
 

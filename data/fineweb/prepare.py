@@ -10,9 +10,9 @@ Documents are read with `datasets` streaming: the parquet shards are fetched as 
 nothing is cached on disk. They are tokenized in --num_proc processes (encode_ordinary, one
 end-of-text token 50256 after each document) and appended to the bins in stream order, so the
 bytes are the same for any --num_proc. The val split is fixed: the first --val_documents
-documents of the stream (default 10,000, about 7-10M tokens) form val.bin, every later one goes to
-train.bin (llm.c likewise keeps the start of FineWeb for validation). --max_tokens stops after that
-many train tokens.
+documents of the stream (default 20,000: about 14M tokens of FineWeb, 20M of FineWeb-Edu) form
+val.bin, every later one goes to train.bin (llm.c, whose val shard the speed records use, also
+keeps the start of the stream for validation). --max_tokens stops after that many train tokens.
 
 An interrupted run (Ctrl-C, kill, lost network) leaves only *.tmp files, which the loader refuses;
 the same command run again starts over and finishes. Memory stays bounded whatever the size.
@@ -72,7 +72,14 @@ def open_stream(dataset: str, subset: str, input_path: Path | None):
         builder, files = local_files(input_path)
         source, args = str(input_path), dict(path=builder, data_files=files)
     else:
+        builder = "parquet"  # the Hub's FineWeb shards
         source, args = f"{HUB_DATASETS[dataset]} ({subset})", dict(path=HUB_DATASETS[dataset], name=subset)
+    if builder == "parquet":
+        # only the text column, one row group at a time: with pyarrow's default pre-buffering a shard's
+        # buffers pile up until it is finished (+0.7 GB per GB of shard, and FineWeb's are ~2 GB)
+        from pyarrow.dataset import ParquetFragmentScanOptions
+
+        args.update(columns=["text"], fragment_scan_options=ParquetFragmentScanOptions(pre_buffer=False))
     try:
         return source, load_dataset(**args, split="train", streaming=True)
     except Exception as exc:  # network, Hub or file format trouble: one line saying which source
@@ -104,7 +111,7 @@ def main(argv=None) -> None:
     parser.add_argument("--input", type=Path, help="local .parquet or .jsonl files (a file or folder) instead of the Hub")
     parser.add_argument("--out_dir", type=Path, help="output folder (default: data/<dataset>-<subset>)")
     parser.add_argument("--max_tokens", type=int, help="stop after this many train tokens (default: the whole subset)")
-    parser.add_argument("--val_documents", type=int, default=10_000, help="the first documents, kept for val")
+    parser.add_argument("--val_documents", type=int, default=20_000, help="the first documents, kept for val")
     parser.add_argument("--num_proc", type=int, default=default_num_proc(), help="tokenizer processes (default: all cores)")
     parser.add_argument("--force", action="store_true", help="prepare again even if the folder is already complete")
     args = parser.parse_args(argv)
