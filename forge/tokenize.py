@@ -328,6 +328,7 @@ _worker = {}  # per process: the (meta, append_eot) it works for and the tokeniz
 def _init_pool_worker(meta: dict, append_eot: bool) -> None:
     # nothing here may raise: a failing Pool initializer makes the pool respawn workers forever
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
+    _worker.clear()  # a forked worker inherits the tokenizer of an earlier num_proc=1 run in its parent
     _worker.update(meta=meta, append_eot=append_eot)
 
 

@@ -107,3 +107,12 @@ def test_default_folder_and_already_prepared(tmp_path, monkeypatch, shards, caps
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     prepare.main([*args, "--max_tokens", "200", "--force"])
     assert len(bins(out)[1]) == 200
+
+
+def test_pool_workers_never_reuse_an_earlier_runs_tokenizer(tmp_path, gpt2_encoding):
+    """Forked workers inherit their parent's state: a num_proc=1 run with another tokenizer before must not leak."""
+    from forge.tokenize import char_meta, tokenize_to_bin
+
+    tokenize_to_bin(["abc"], tmp_path / "chars.bin", char_meta(list("abc")), num_proc=1)
+    tokenize_to_bin(["hello world"], tmp_path / "bpe.bin", gpt2_meta(), num_proc=2)
+    assert np.fromfile(tmp_path / "bpe.bin", dtype="<u2").tolist() == gpt2_encoding.encode_ordinary("hello world")
