@@ -607,11 +607,11 @@ class GPT(LanguageModel):
             load_pretrained = _load_hf_folder
         return load_pretrained(cls, name_or_dir, override_args)
 
-    def save_pretrained(self, save_dir, vocab_size=None, meta=None):
+    def save_pretrained(self, save_dir, vocab_size=None, meta=None, tokenizer_dir=None):
         """Export to a Hugging Face GPT-2 folder for transformers: see forge.hf.save_pretrained."""
         from forge.hf import save_pretrained
 
-        return save_pretrained(self, save_dir, vocab_size, meta)
+        return save_pretrained(self, save_dir, vocab_size, meta, tokenizer_dir)
 
 
 def _load_hf_folder(cls, folder, override_args=None):

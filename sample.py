@@ -8,6 +8,7 @@ Generation uses the model's KV cache (the prompt is prefilled once, then one tok
 With one sample, tokens are printed as they are produced (--stream); multi-byte characters are
 never split, since text is printed only once its bytes decode completely.
 """
+import codecs
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -108,31 +109,23 @@ def encode_prompt(text: str, tokenizer, block_size: int) -> tuple[list[int], str
 class IncrementalDecoder:
     """Tokens in, printable text out, never splitting a multi-byte character across two pieces.
 
-    A GPT-2 token can end in the middle of a character's UTF-8 bytes (emoji, CJK); decoding it
-    alone gives a replacement character. Tokens are held back while their text ends in one
-    (up to a few tokens, after which the bytes are invalid anyway), then printed together.
-    Ids the tokenizer does not know (the padded rows of a 50304-entry vocabulary, which sampling
-    never draws) are skipped.
+    A BPE token can end in the middle of a character's UTF-8 bytes (emoji, CJK). Each token's bytes go
+    through an incremental UTF-8 decoder, which holds an incomplete sequence back until the bytes that
+    finish it arrive (bytes that can never form a character print as U+FFFD, as decode does).
+    Ids the tokenizer does not know (the padded rows of a 50304-entry vocabulary) are skipped.
     """
-
-    MAX_PENDING = 8  # a UTF-8 character is at most 4 bytes, so at most 4 byte tokens
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.pending: list[int] = []
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
-        if token < self.tokenizer.vocab_size:
-            self.pending.append(token)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < self.MAX_PENDING:
+        if token >= self.tokenizer.vocab_size:
             return ""
-        self.pending = []
-        return text
+        return self.utf8.decode(self.tokenizer.decode_bytes([token]))
 
     def flush(self) -> str:
-        text, self.pending = self.tokenizer.decode(self.pending), []
-        return text
+        return self.utf8.decode(b"", final=True)
 
 
 def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float,

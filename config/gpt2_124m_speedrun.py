@@ -3,7 +3,7 @@
 # logit soft-cap) and Muon.
 # Aim: GPT-2 quality (FineWeb val loss 3.28, llm.c's GPT-2 after 10 B tokens) in ~2.5 B tokens instead of
 # the classic recipe's 300 B (config/owt.py). NOT MEASURED here (no GPU); see docs/SPEEDRUN.md.
-#   FineWeb:     docs/SPEEDRUN.md shows how to build data/fineweb10B with data/openwebtext/prepare.py
+#   FineWeb:     python data/fineweb/prepare.py --dataset fineweb   (streams sample-10BT -> data/fineweb-sample-10BT)
 #   8 GPUs:      torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m_speedrun.py
 #   OpenWebText: add --dataset=openwebtext (the bar there: OpenAI's GPT-2 124M scores ~3.12, evaluate.py)
 
@@ -16,7 +16,7 @@ wandb_log = False
 wandb_project = "gpt2-speedrun"
 wandb_run_name = "gpt2-124m-muon"
 
-dataset = "fineweb10B"
+dataset = "fineweb-sample-10BT"  # data/fineweb/prepare.py --dataset fineweb writes it (val: its first 20,000 documents)
 # 64 sequences x 1024 tokens x 8 micro-steps (1 per GPU on 8 GPUs) = 524,288 tokens per step
 batch_size = 64
 block_size = 1024

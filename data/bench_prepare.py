@@ -4,6 +4,7 @@
     python data/bench_prepare.py tokenize /tmp/corpus --mb 40    # tokens/s: tiktoken alone vs the pipeline
     python data/bench_prepare.py memory -- python data/text/prepare.py /tmp/corpus --out_dir /tmp/corpus-bins
     python data/bench_prepare.py loader /tmp/corpus-bins         # batches/s at GPT-2 124M's batch shape
+    python data/bench_prepare.py tokenizer input.txt --vocab_size 2048 8192   # trained BPE vs GPT-2: tokens/byte
 
 The corpus is real English: documents of 2-20k characters cut at random from Tiny Shakespeare
 (--text FILE, else data/shakespeare_char/input.txt, downloaded there if missing), so BPE sees
@@ -24,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 
 from forge.errors import ArgumentParser, run_main  # noqa: E402
-from forge.tokenize import (TINY_SHAKESPEARE_URL, GPT2Tokenizer, gpt2_meta,  # noqa: E402
-                            local_or_downloaded_text, tokenize_to_bin)
+from forge.tokenize import (TINY_SHAKESPEARE_URL, GPT2Tokenizer, get_tokenizer, gpt2_meta,  # noqa: E402
+                            local_or_downloaded_text, tokenize_to_bin, train_bpe)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,6 +181,23 @@ def _rss_mb() -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
+def bench_tokenizer(paths: list[Path], vocab_sizes: list[int]) -> None:
+    """Tokens per byte of the text of paths (the UTF-8 files, concatenated) under GPT-2's BPE and under
+    byte-level BPEs of vocab_sizes trained on that same text (as data/text/prepare.py --tokenizer bpe does)."""
+    text = "".join(p.read_text(encoding="utf-8") for p in paths)
+    size = len(text.encode("utf-8"))
+    gpt2 = len(GPT2Tokenizer().encode(text))
+    print(f"{len(paths)} file(s), {size:,} bytes; GPT-2 BPE: {gpt2:,} tokens, {gpt2 / size:.3f} tokens/byte")
+    with tempfile.TemporaryDirectory() as tmp:
+        for vocab_size in vocab_sizes:
+            t0 = time.perf_counter()
+            meta = train_bpe([text], vocab_size, Path(tmp) / "tokenizer.json")
+            seconds = time.perf_counter() - t0
+            tokens = len(get_tokenizer(meta, tmp).encode(text))
+            print(f"trained BPE, vocab {meta['vocab_size']:,} (trained in {seconds:.1f} s): {tokens:,} tokens, "
+                  f"{tokens / size:.3f} tokens/byte = {tokens / gpt2:.2f} x GPT-2's (load {load()})")
+
+
 def main(argv=None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -196,6 +214,9 @@ def main(argv=None) -> None:
     loader = modes.add_parser("loader", help="batches/s of TokenBatches at GPT-2 124M's batch shape")
     loader.add_argument("data_dir", type=Path)
     loader.add_argument("--batches", type=int, default=400)
+    tokenizer = modes.add_parser("tokenizer", help="tokens per byte: a BPE trained on the text vs GPT-2's")
+    tokenizer.add_argument("files", type=Path, nargs="+")
+    tokenizer.add_argument("--vocab_size", type=int, nargs="+", default=[2048, 8192])
     args = parser.parse_args(argv)
     if args.mode == "corpus":
         make_corpus(args.out_dir, args.mb, args.text)
@@ -203,8 +224,10 @@ def main(argv=None) -> None:
         bench_tokenize(args.corpus, args.mb, args.num_proc)
     elif args.mode == "memory":
         bench_memory(args.command)
-    else:
+    elif args.mode == "loader":
         bench_loader(args.data_dir, args.batches)
+    else:
+        bench_tokenizer(args.files, args.vocab_size)
 
 
 if __name__ == "__main__":

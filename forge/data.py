@@ -85,8 +85,8 @@ def _validated(meta: dict, path: Path) -> dict:
     meta = {"dtype": "uint16", "tokenizer": "char" if "itos" in meta else "gpt2", **meta}
     if meta.get("dtype") not in DTYPES:
         raise DataError(f"{path}: dtype {meta.get('dtype')!r} is not one of {sorted(DTYPES)}")
-    if meta.get("tokenizer") not in ("char", "gpt2"):
-        raise DataError(f"{path}: tokenizer {meta.get('tokenizer')!r} is not 'char' or 'gpt2'")
+    if meta.get("tokenizer") not in ("char", "gpt2", "bpe"):
+        raise DataError(f"{path}: tokenizer {meta.get('tokenizer')!r} is not 'char', 'gpt2' or 'bpe'")
     vocab_size = meta.get("vocab_size")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise DataError(f"{path}: vocab_size {vocab_size!r} is not a positive integer")
@@ -105,7 +105,21 @@ def _validated(meta: dict, path: Path) -> dict:
         if max_id >= vocab_size:
             raise DataError(f"{path}: {split}.bin holds token id {max_id} but vocab_size is {vocab_size}: the bins "
                             "belong to another tokenizer; re-run the dataset's prepare.py")
+    if meta["tokenizer"] == "bpe":
+        _check_bpe_fields(meta, path)
     return meta
+
+
+def _check_bpe_fields(meta: dict, path: Path) -> None:
+    """A trained BPE's tokenizer file is a plain name inside the data folder (never a path elsewhere),
+    identified by its SHA-256, with an end-of-text id inside the vocabulary."""
+    name, digest, eot = meta.get("tokenizer_file"), meta.get("tokenizer_sha256"), meta.get("eot_token")
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise DataError(f"{path}: tokenizer_file {name!r} must be the name of a file in the data folder")
+    if not isinstance(digest, str) or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise DataError(f"{path}: tokenizer_sha256 {digest!r} is not a SHA-256 hex digest")
+    if isinstance(eot, bool) or not isinstance(eot, int) or not 0 <= eot < meta["vocab_size"]:
+        raise DataError(f"{path}: eot_token {eot!r} is not an id below vocab_size {meta['vocab_size']}")
 
 
 def load_meta(data_dir) -> dict:

@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
     loaded = load_for_inference(args.out_dir, "resume", "cpu", args.meta)
     if not hasattr(loaded.model, "save_pretrained"):
         raise UserError(f"{loaded.source} is a {type(loaded.model).__name__}, which has no GPT-2 equivalent to export to")
-    tokenizer_files = loaded.model.save_pretrained(args.dest, meta=loaded.meta)
+    tokenizer_files = loaded.model.save_pretrained(args.dest, meta=loaded.meta, tokenizer_dir=loaded.meta_dir)
     tokenizer = (f"{loaded.meta['tokenizer']} tokenizer: {', '.join(tokenizer_files)}" if tokenizer_files else
                  f"no tokenizer files: transformers cannot load a {loaded.meta['tokenizer']!r} tokenizer from it")
     print(f"exported {loaded.source} to {args.dest} (GPT-2 format, vocabulary {loaded.meta['vocab_size']}, {tokenizer})")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from forge.tokenize import GPT2_EOT, GPT2Tokenizer
+from forge.tokenize import GPT2_EOT, GPT2Tokenizer, bpe_tokenizer_files
 from model import GPTConfig, ModelError
 
 # The Hugging Face Hub repositories of OpenAI's GPT-2 checkpoints, and their sizes.
@@ -292,7 +292,7 @@ def hf_config_for(cfg: GPTConfig, vocab_size: int, eot_id) -> dict:
     }
 
 
-def save_pretrained(model, save_dir, vocab_size=None, meta=None):
+def save_pretrained(model, save_dir, vocab_size=None, meta=None, tokenizer_dir=None):
     """Export `model` (a GPT) to a Hugging Face GPT-2 folder: config.json + model.safetensors, and
     with `meta` (the run's tokenizer metadata, forge.data.load_meta's shape) the tokenizer files.
 
@@ -301,7 +301,9 @@ def save_pretrained(model, save_dir, vocab_size=None, meta=None):
     vocab_size: the tokenizer's true vocabulary (e.g. 50257) to drop the rows this model was padded
     with (50304); default: meta's vocab_size, else all rows. A GPT-2 BPE tokenizer is written as
     GPT-2's files; a character vocabulary as a tokenizer.json of one token per character; without
-    meta (or for a tokenizer kind not known here) no tokenizer files are written, and the returned
+    meta (or for a tokenizer kind not known here) no tokenizer files are written; a trained BPE
+    (kind 'bpe') writes its tokenizer.json, read from `tokenizer_dir` (the dataset folder), and
+    otherwise, and the returned
     list of written tokenizer files is empty. bos/eos are GPT-2's <|endoftext|> for a GPT-2
     vocabulary, none otherwise.
     bias=False models export zero biases, untied_head models tie_word_embeddings=false with their
@@ -340,9 +342,14 @@ def save_pretrained(model, save_dir, vocab_size=None, meta=None):
         tokenizer_files = gpt2_tokenizer_files(cfg.block_size)
     elif kind == "char":
         tokenizer_files = char_tokenizer_files(meta["itos"], cfg.block_size)
+    elif kind == "bpe":
+        tokenizer_files = bpe_tokenizer_files(meta, tokenizer_dir)
     else:
         tokenizer_files = {}
-    eot_id = GPT2_EOT if (kind == "gpt2" or kind is None and vocab_size > GPT2_EOT) else None
+    if kind == "bpe":
+        eot_id = meta["eot_token"]
+    else:
+        eot_id = GPT2_EOT if (kind == "gpt2" or kind is None and vocab_size > GPT2_EOT) else None
     tensors = hf_state_dict(model, vocab_size)
     files = {"config.json": json_text(hf_config_for(cfg, vocab_size, eot_id)), **tokenizer_files}
     try:

@@ -31,6 +31,7 @@ class Loaded:
     tokenizer: object  # forge.tokenize tokenizer: encode, decode, vocab_size, eot_token
     source: str  # what was loaded, for messages: 'out/ckpt.pt (iter 5000)' or 'gpt2'
     data_dir: Path | None  # the run's data folder (None for GPT-2)
+    meta_dir: Path | None = None  # the folder meta came from (--meta's or data_dir), where a trained BPE's file is
 
 
 def run_data_dir(train_config: dict) -> Path | None:
@@ -42,10 +43,16 @@ def run_data_dir(train_config: dict) -> Path | None:
     return None
 
 
+def meta_folder(meta_path) -> Path:
+    """The folder of --meta: the path itself if it is a folder, else the folder holding the file."""
+    path = Path(meta_path)
+    return path if path.is_dir() else path.parent
+
+
 def meta_from_path(meta_path) -> dict:
     """Metadata from a meta.json / meta.pkl file, or a folder holding one."""
     path = Path(meta_path)
-    folder = path if path.is_dir() else path.parent
+    folder = meta_folder(path)
     if path.is_dir() and not any((path / name).is_file() for name in META_NAMES):
         raise InferenceError(f"--meta={meta_path}: folder has no meta.json or meta.pkl")
     if not path.is_dir() and (path.name not in META_NAMES or not path.is_file()):
@@ -113,4 +120,6 @@ def load_for_inference(out_dir: str, init_from: str, device: str, meta_path: str
     check_meta_fits(meta, _vocab_size(model), source)
     where = meta_path or (f"{data_dir}'s metadata" if data_dir is not None else "the GPT-2 BPE")
     check_same_tokenizer(recorded, meta, where, source, "pass the metadata of the data it was trained on with --meta")
-    return Loaded(model=model, meta=meta, tokenizer=get_tokenizer(meta), source=source, data_dir=data_dir)
+    meta_dir = meta_folder(meta_path) if meta_path else data_dir
+    return Loaded(model=model, meta=meta, tokenizer=get_tokenizer(meta, meta_dir), source=source, data_dir=data_dir,
+                  meta_dir=meta_dir)

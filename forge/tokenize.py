@@ -1,4 +1,5 @@
-"""Tokenizers (characters or GPT-2 BPE) and the streaming pipeline every data/*/prepare.py writes bins with.
+"""Tokenizers (characters, GPT-2 BPE, or a byte-level BPE trained on the corpus) and the streaming pipeline
+every data/*/prepare.py writes bins with.
 
 The pipeline turns an iterable of documents into a token bin in bounded memory, whatever the corpus
 size: documents are cut into chunks of about `chunk_chars` characters, tokenized in `num_proc`
@@ -72,6 +73,9 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.itos[i] for i in ids)
 
+    def decode_bytes(self, ids) -> bytes:
+        return self.decode(ids).encode("utf-8", "surrogatepass")
+
 
 class GPT2Tokenizer:
     """tiktoken's 'gpt2' BPE; ordinary text only (special tokens in the text are plain characters)."""
@@ -98,14 +102,143 @@ class GPT2Tokenizer:
     def decode(self, ids) -> str:
         return self.encoding.decode(list(ids))
 
+    def decode_bytes(self, ids) -> bytes:
+        return self.encoding.decode_bytes(list(ids))
 
-def get_tokenizer(meta: dict):
-    """The tokenizer a data folder's metadata (forge.data.load_meta) describes."""
+
+BPE_EOT = "<|endoftext|>"  # the end-of-text token of a trained BPE, as GPT-2 spells it
+BPE_MIN_VOCAB = 256 + 1  # the 256 byte tokens and the end-of-text token
+BPE_FILE = "tokenizer.json"
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise DataError("a trained BPE tokenizer needs the Hugging Face `tokenizers` library: "
+                        "pip install -e '.[data]'") from None
+    return tokenizers
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE spells byte b as a printable character: b itself when printable, else chr(256 + k)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class BPETokenizer:
+    """A byte-level BPE trained on the dataset's own corpus (Hugging Face `tokenizers`), read from the
+    tokenizer.json stored with the dataset. Like GPT2Tokenizer it encodes ordinary text: an
+    "<|endoftext|>" written in the text is plain characters; the end-of-text id comes only from the pipeline."""
+
+    def __init__(self, path):
+        tokenizers = _import_tokenizers()
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise DataError(f"{path} is not a tokenizers tokenizer.json ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); re-run the dataset's prepare.py") from None
+        self.tokenizer.encode_special_tokens = True
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        self.eot_token = self.tokenizer.token_to_id(BPE_EOT)
+        if self.eot_token is None:
+            raise DataError(f"{path} has no {BPE_EOT} token; re-run the dataset's prepare.py")
+        byte_of = _byte_level_chars()
+        special = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
+        self._bytes = [b""] * self.vocab_size  # id -> the bytes it stands for
+        for token, i in self.tokenizer.get_vocab().items():
+            self._bytes[i] = token.encode("utf-8") if token in special else bytes(byte_of[c] for c in token)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode_bytes(self, ids) -> bytes:
+        return b"".join(self._bytes[i] for i in ids)
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def _bpe_path(meta: dict, data_dir) -> Path:
+    """The tokenizer.json of a 'bpe' meta: its tokenizer_file, relative to data_dir unless absolute."""
+    path = Path(meta["tokenizer_file"])
+    if data_dir is None and not path.is_absolute():
+        raise DataError("a dataset with its own BPE tokenizer needs its data folder (where tokenizer.json lives) "
+                        "to be known: pass --meta=PATH/TO/DATA_FOLDER")
+    return path if data_dir is None else Path(data_dir) / path
+
+
+def get_tokenizer(meta: dict, data_dir=None):
+    """The tokenizer a data folder's metadata (forge.data.load_meta) describes; a trained BPE ('bpe') is
+    read from the tokenizer.json in data_dir and must match the SHA-256 that meta.json records."""
     if meta.get("tokenizer") == "char":
         return CharTokenizer(meta["itos"])
     if meta.get("tokenizer", "gpt2") == "gpt2":
         return GPT2Tokenizer()
-    raise DataError(f"unknown tokenizer {meta.get('tokenizer')!r} in the data metadata (expected 'char' or 'gpt2')")
+    if meta.get("tokenizer") == "bpe":
+        path = _bpe_path(meta, data_dir)
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise DataError(f"cannot read the dataset's tokenizer {path} ({exc.strerror}): keep it next to meta.json, "
+                            "or re-run the dataset's prepare.py") from None
+        if digest != meta["tokenizer_sha256"]:
+            raise DataError(f"{path} is not the tokenizer this dataset was tokenized with (its SHA-256 differs from "
+                            "meta.json's tokenizer_sha256): restore it or re-run the dataset's prepare.py")
+        return BPETokenizer(path)
+    raise DataError(f"unknown tokenizer {meta.get('tokenizer')!r} in the data metadata (expected 'char', 'gpt2' or 'bpe')")
+
+
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    if vocab_size < BPE_MIN_VOCAB:
+        raise DataError(f"--vocab_size {vocab_size} is too small: a byte-level BPE needs the 256 byte tokens and "
+                        f"the end-of-text token, so at least {BPE_MIN_VOCAB}")
+
+
+def train_bpe(texts, vocab_size: int, path) -> dict:
+    """Train a byte-level BPE of at most vocab_size ids (the 256 bytes, GPT-2's pre-tokenizer, the end-of-text
+    token as id 0) on the str texts, save it as path (a tokenizers tokenizer.json) and return its meta.
+
+    Deterministic: the same texts give the same file. The corpus may be too small for vocab_size merges;
+    the meta's vocab_size is the size reached.
+    """
+    check_bpe_vocab_size(vocab_size)
+    tokenizers = _import_tokenizers()
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOT], show_progress=False,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    # the pipeline's worker processes encode one text at a time each: without this, forking after the
+    # (multi-threaded) training makes tokenizers warn and turn its threads off anyway
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    bpe.save(str(path))
+    vocab_size = bpe.get_vocab_size()
+    return {"vocab_size": vocab_size, "tokenizer": "bpe", "dtype": dtype_for(vocab_size), "tokenizer_file": BPE_FILE,
+            "tokenizer_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "eot_token": bpe.token_to_id(BPE_EOT)}
+
+
+def bpe_tokenizer_files(meta: dict, data_dir) -> dict[str, str]:
+    """For a dataset with its own BPE: the Hugging Face tokenizer files of an export ({name: text}): its
+    tokenizer.json and a tokenizer_config.json (transformers' PreTrainedTokenizerFast, end-of-text as
+    bos/eos/unk), so AutoTokenizer.from_pretrained(export) encodes to the same ids."""
+    get_tokenizer(meta, data_dir)  # the file must be the one meta.json names (its SHA-256)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BPE_EOT, "eos_token": BPE_EOT,
+              "unk_token": BPE_EOT, "add_prefix_space": False, "clean_up_tokenization_spaces": False}
+    return {BPE_FILE: _bpe_path(meta, data_dir).read_text(encoding="utf-8"),
+            "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
 
 
 def dtype_for(vocab_size: int) -> str:
@@ -123,7 +256,7 @@ def gpt2_meta() -> dict:
 
 # The metadata keys that decide what a token id means; not dtype, nor statistics such as max_token_ids.
 # A new tokenizer kind adds the keys that define its vocabulary here.
-TOKENIZER_KEYS = ("tokenizer", "vocab_size", "itos")
+TOKENIZER_KEYS = ("tokenizer", "vocab_size", "itos", "tokenizer_sha256")
 
 
 def tokenizer_identity(meta: dict) -> dict:
@@ -216,6 +349,7 @@ _worker = {}  # per process: the (meta, append_eot) it works for and the tokeniz
 def _init_pool_worker(meta: dict, append_eot: bool) -> None:
     # nothing here may raise: a failing Pool initializer makes the pool respawn workers forever
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
+    _worker.clear()  # a forked worker inherits the tokenizer of an earlier num_proc=1 run in its parent
     _worker.update(meta=meta, append_eot=append_eot)
 
 
@@ -263,10 +397,11 @@ class Written(NamedTuple):
 
 def tokenize_to_bin(documents, path, meta: dict, *, num_proc: int = 1, append_eot: bool = False,
                     chunk_chars: int = 1 << 18, total_documents: int | None = None,
-                    desc: str | None = None) -> Written:
+                    desc: str | None = None, max_tokens: int | None = None) -> Written:
     """Tokenize documents (str, or iterables of str parts) into the raw bin `path`, with the tokenizer and
     dtype of `meta`; an EOT token after each document if append_eot. Returns what it wrote: tokens, documents
-    and characters read.
+    and characters read. With max_tokens, stops reading documents once that many tokens are written (the
+    bin holds exactly the first max_tokens of the token stream, whatever num_proc).
 
     Writes `path` directly: call it on a PreparedFolder.temp() path so the bin appears only on commit.
     """
@@ -279,10 +414,14 @@ def tokenize_to_bin(documents, path, meta: dict, *, num_proc: int = 1, append_eo
                dynamic_ncols=True)
     with open(path, "wb") as f, bar:
         for ids, finished, chars in _ordered_map(_chunks(documents, chunk_chars), num_proc, meta, append_eot):
+            if max_tokens is not None and num_tokens + len(ids) >= max_tokens:
+                ids = ids[:max_tokens - num_tokens]
             f.write(ids.tobytes())
             num_tokens, num_documents, num_chars = num_tokens + len(ids), num_documents + finished, num_chars + chars
             bar.update(finished)
             bar.set_postfix(tokens=f"{num_tokens:,}", refresh=False)
+            if num_tokens == max_tokens:
+                break
         fsync_file(f)
     return Written(num_tokens, num_documents, num_chars)
 

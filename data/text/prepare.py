@@ -5,12 +5,16 @@
     python data/text/prepare.py chats.jsonl --text_field body    # one document per JSON line
     python data/text/prepare.py poems.txt --tokenizer char       # a character vocabulary
     python data/text/prepare.py qa.jsonl --format prompt_response # fine-tuning pairs: loss on responses only
+    python data/text/prepare.py src/ --tokenizer bpe --vocab_size 8192   # a BPE trained on this corpus
 
 Inputs are .txt files (each one document), .jsonl files (one JSON object per line, each one
 document, its text in --text_field) or directories of them (searched recursively, in sorted
 order); other files named explicitly are read as text. With --tokenizer gpt2 (for fine-tuning
 GPT-2) every document ends with the end-of-text token 50256; with --tokenizer char the vocabulary
-is the sorted unique characters of the corpus. The last --val_fraction of the token stream is val.
+is the sorted unique characters of the corpus; with --tokenizer bpe a byte-level BPE of
+--vocab_size ids is trained on the corpus first (stored as tokenizer.json, referenced from
+meta.json) and every document ends with its end-of-text token. The last --val_fraction of the
+token stream is val.
 Files are streamed, so memory stays bounded whatever the corpus size.
 
 --format prompt_response reads .jsonl rows {"prompt": ..., "response": ...} (names set by
@@ -33,9 +37,9 @@ from tqdm import tqdm  # noqa: E402
 from forge.errors import ArgumentParser, run_main  # noqa: E402
 import numpy as np  # noqa: E402
 
-from forge.tokenize import (DTYPES, STARTS_DTYPE, DataError, PreparedFolder, char_meta,  # noqa: E402
-                            default_num_proc, get_tokenizer, gpt2_meta, move_tail, num_proc, split_tail,
-                            tokenize_to_bin)
+from forge.tokenize import (BPE_FILE, DTYPES, STARTS_DTYPE, DataError, PreparedFolder, char_meta,  # noqa: E402
+                            check_bpe_vocab_size, default_num_proc, get_tokenizer, gpt2_meta, move_tail, num_proc,
+                            split_tail, tokenize_to_bin, train_bpe)
 
 DATA = Path(__file__).resolve().parents[1]
 CORPUS_SUFFIXES = (".txt", ".jsonl")
@@ -173,11 +177,19 @@ def _batched(items, n: int):
         yield batch
 
 
+def corpus_texts(files, text_field: str):
+    """The corpus as str pieces (a .txt file's blocks, each .jsonl record), for training a tokenizer."""
+    for doc in documents(files, text_field):
+        yield from (doc,) if isinstance(doc, str) else doc
+
+
 def main(argv=None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help=".txt / .jsonl files or directories of them")
     parser.add_argument("--out_dir", type=Path, help="output folder (default: data/<name of the first input>)")
-    parser.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2", help="GPT-2 BPE or characters")
+    parser.add_argument("--tokenizer", choices=("gpt2", "char", "bpe"), default="gpt2",
+                        help="GPT-2 BPE, characters, or a BPE trained on this corpus")
+    parser.add_argument("--vocab_size", type=int, help="ids of the trained BPE (--tokenizer bpe; default 8192)")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of the tokens kept for val")
     parser.add_argument("--text_field", default="text", help="the text field of .jsonl records")
     parser.add_argument("--format", choices=("text", "prompt_response"), default="text",
@@ -189,6 +201,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         raise DataError(f"--val_fraction {args.val_fraction} must be between 0 and 1 (exclusive)")
+    if args.vocab_size is not None and args.tokenizer != "bpe":
+        raise DataError("--vocab_size is for --tokenizer bpe only (GPT-2's and a char vocabulary's size are fixed)")
+    vocab_size = 8192 if args.vocab_size is None else args.vocab_size
+    if args.tokenizer == "bpe":
+        check_bpe_vocab_size(vocab_size)
+    if args.format == "prompt_response" and args.tokenizer == "bpe":
+        raise DataError("--format prompt_response takes --tokenizer gpt2 or char: train a BPE on the corpus in a text "
+                        "preparation first, or fine-tune with GPT-2's tokenizer")
     files = input_files(args.inputs)
     out_dir = args.out_dir or DATA / Path(args.inputs[0]).resolve().stem
 
@@ -210,9 +230,13 @@ def main(argv=None) -> None:
               f"examples, val {examples['val']:,} examples (loss on responses only) -> {out_dir}")
         return
     with PreparedFolder(out_dir, force=args.force) as folder:
+        encode_meta = meta
+        if args.tokenizer == "bpe":  # trained first; the workers read it from where it waits to be committed
+            meta = train_bpe(corpus_texts(files, args.text_field), vocab_size, folder.temp(BPE_FILE))
+            encode_meta = {**meta, "tokenizer_file": str(folder.temp(BPE_FILE).resolve())}
         train = folder.temp("train.bin")
-        written = tokenize_to_bin(documents(files, args.text_field), train, meta, num_proc=args.num_proc,
-                                  append_eot=meta["tokenizer"] == "gpt2", desc="tokens")
+        written = tokenize_to_bin(documents(files, args.text_field), train, encode_meta, num_proc=args.num_proc,
+                                  append_eot=meta["tokenizer"] != "char", desc="tokens")
         if written.characters == 0:
             raise DataError(f"the inputs hold no text: {', '.join(map(str, args.inputs))}")
         total = written.tokens

@@ -1,0 +1,118 @@
+"""data/fineweb/prepare.py on local parquet and jsonl shards, read by the streaming reader the Hub uses."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from forge.data import load_meta
+from forge.tokenize import gpt2_meta
+from tests.util import REPO
+
+datasets = pytest.importorskip("datasets")
+pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+
+VAL_DOCUMENTS = 15
+
+
+def load_prepare():
+    spec = importlib.util.spec_from_file_location("fineweb_prepare", REPO / "data" / "fineweb" / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def docs(shakespeare_text):
+    """FineWeb-shaped documents: 2-6k characters, one with unicode, one empty."""
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(60):
+        start, length = int(rng.integers(0, len(shakespeare_text) - 6000)), int(rng.integers(2000, 6000))
+        docs.append(shakespeare_text[start:start + length])
+    docs[3], docs[20] = "Ünïcode — 日本語 🙂 " + docs[3], ""
+    return docs
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, docs):
+    """The documents as two parquet shards (several row groups each, extra columns like FineWeb's) and as
+    two jsonl files."""
+    root = tmp_path_factory.mktemp("fineweb")
+    (root / "parquet").mkdir()
+    (root / "jsonl").mkdir()
+    for i, part in enumerate((docs[:25], docs[25:])):
+        table = pa.table({"text": part, "id": [f"<urn:{i}:{j}>" for j in range(len(part))],
+                          "token_count": [len(t) // 4 for t in part]})
+        pq.write_table(table, root / "parquet" / f"{i:03d}_00000.parquet", row_group_size=7)
+        with open(root / "jsonl" / f"{i:03d}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t, "id": j}) + "\n" for j, t in enumerate(part))
+    return root
+
+
+def expected_stream(docs, gpt2_encoding):
+    return [i for doc in docs for i in gpt2_encoding.encode_ordinary(doc) + [50256]]
+
+
+def bins(folder) -> tuple[list, list]:
+    return tuple(np.fromfile(folder / f"{split}.bin", dtype="<u2").tolist() for split in ("val", "train"))
+
+
+def test_local_shards_stream_into_val_then_train(tmp_path, shards, docs, gpt2_encoding):
+    prepare = load_prepare()
+    prepare.main(["--input", str(shards / "parquet"), "--out_dir", str(tmp_path / "p"), "--val_documents",
+                  str(VAL_DOCUMENTS), "--num_proc", "2"])
+    val, train = bins(tmp_path / "p")
+    assert val == expected_stream(docs[:VAL_DOCUMENTS], gpt2_encoding)  # the first documents are val
+    assert train == expected_stream(docs[VAL_DOCUMENTS:], gpt2_encoding)
+    assert load_meta(tmp_path / "p") == gpt2_meta()
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+    prepare.main(["--input", str(shards / "jsonl"), "--out_dir", str(tmp_path / "j"), "--val_documents",
+                  str(VAL_DOCUMENTS), "--num_proc", "1", "--max_tokens", "5000"])
+    assert bins(tmp_path / "j") == (val, train[:5000])  # jsonl reads the same; max_tokens is exact
+
+
+def test_the_hub_path_is_the_same_reader(tmp_path, monkeypatch, shards):
+    """A Hub run calls load_dataset(repo, name=subset, split='train', streaming=True); served the local shards,
+    it writes what --input writes."""
+    prepare = load_prepare()
+    calls = []
+    real_load_dataset = datasets.load_dataset
+
+    def hub(path, name=None, data_files=None, split=None, streaming=False, **options):
+        calls.append((path, name, split, streaming, options["columns"]))
+        if path == "HuggingFaceFW/fineweb":
+            data_files = sorted(str(p) for p in (shards / "parquet").iterdir())
+        return real_load_dataset("parquet", data_files=data_files, split=split, streaming=streaming, **options)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    common = ["--val_documents", str(VAL_DOCUMENTS), "--num_proc", "1", "--max_tokens", "3000"]
+    prepare.main(["--dataset", "fineweb", "--subset", "sample-10BT", "--out_dir", str(tmp_path / "hub"), *common])
+    prepare.main(["--input", str(shards / "parquet"), "--out_dir", str(tmp_path / "local"), *common])
+    assert calls == [("HuggingFaceFW/fineweb", "sample-10BT", "train", True, ["text"]),
+                     ("parquet", None, "train", True, ["text"])]
+    assert bins(tmp_path / "hub") == bins(tmp_path / "local")
+
+
+def test_default_folder_and_already_prepared(tmp_path, monkeypatch, shards, capsys):
+    prepare = load_prepare()
+    monkeypatch.setattr(prepare, "DATA", tmp_path)
+    args = ["--input", str(shards / "jsonl"), "--val_documents", "5", "--num_proc", "1", "--max_tokens", "100"]
+    prepare.main(args)
+    out = tmp_path / "fineweb-edu-sample-10BT"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    prepare.main([*args, "--max_tokens", "200"])
+    assert "already prepared" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    prepare.main([*args, "--max_tokens", "200", "--force"])
+    assert len(bins(out)[1]) == 200
+
+
+def test_pool_workers_never_reuse_an_earlier_runs_tokenizer(tmp_path, gpt2_encoding):
+    """Forked workers inherit their parent's state: a num_proc=1 run with another tokenizer before must not leak."""
+    from forge.tokenize import char_meta, tokenize_to_bin
+
+    tokenize_to_bin(["abc"], tmp_path / "chars.bin", char_meta(list("abc")), num_proc=1)
+    tokenize_to_bin(["hello world"], tmp_path / "bpe.bin", gpt2_meta(), num_proc=2)
+    assert np.fromfile(tmp_path / "bpe.bin", dtype="<u2").tolist() == gpt2_encoding.encode_ordinary("hello world")
