@@ -231,6 +231,8 @@ def resumed_run_config(values: dict) -> dict:
     if not has_checkpoint(out_dir) or (init_from not in ("resume", "auto") and restart_count() == 0):
         return {}
     ckpt = load_checkpoint(out_dir)
+    if not isinstance(ckpt.get("model_args"), dict):  # create_model's check_model_args says what is wrong
+        return {}
     stored = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     model_fields = {k: v for k, v in model_args_of(ckpt).items() if k != "vocab_size"}
     merged = {**model_fields, **stored, "model_type": ckpt["model_type"]}

@@ -527,8 +527,8 @@ class PreparedFolder:
         meta.json also records each bin's largest token id (`max_token_ids`, {split: id}), so that a
         loader can check the ids against a model's vocabulary without reading the bins.
         """
-        meta = {**meta, "max_token_ids": {final.stem: bin_max_id(temp, meta["dtype"])
-                                          for final, temp in self._temps.items() if final.suffix == ".bin"}}
+        meta = {**meta, "max_token_ids": {final.stem: bin_max_id(temp, meta["dtype"]) for final, temp in
+                                          self._temps.items() if final.name in ("train.bin", "val.bin")}}
         meta_path, backup = self.out_dir / "meta.json", self.out_dir / META_BACKUP
         with open(self.temp("meta.json"), "wb") as f:
             f.write(json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))

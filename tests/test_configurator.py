@@ -143,5 +143,5 @@ def test_base_values_go_under_the_command_line_and_are_validated_together():
     cfg = load_config(["--n_embd=64", "--out_dir=run"], base=lambda values: seen.append(values) or base)
     assert seen == [{"n_embd": 64, "out_dir": "run"}]  # base sees what the command set
     assert (cfg.n_head, cfg.n_embd, cfg.max_iters, cfg.dataset) == (4, 64, 7, "shakespeare_char")  # 64 % 12 != 0
-    with pytest.raises(ConfigError, match="n_embd=48 must be divisible by n_head=5"):
+    with pytest.raises(ConfigError, match="n_embd=48 is not divisible by n_head=5"):
         load_config(["--n_embd=48"], base=lambda values: {"n_head": 5})

@@ -54,6 +54,15 @@ def pairs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def bpe_pairs(tmp_path_factory, gpt2_encoding):
+    """The same kind of folder in GPT-2 BPE, the tokenizer a GPT-2 checkpoint can be fine-tuned on."""
+    root = tmp_path_factory.mktemp("bpe_pairs")
+    proc = prepare_pairs(write_pairs(root / "qa.jsonl"), root / "data")
+    assert proc.returncode == 0, proc.stderr
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
 def hf_gpt2(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -70,9 +79,9 @@ def config(out_dir, data_dir, init_from, **overrides) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, pairs, hf_gpt2):
+def lora_run(tmp_path_factory, bpe_pairs, hf_gpt2):
     out = tmp_path_factory.mktemp("lora_run")
-    train.main(config(out, pairs, hf_gpt2))
+    train.main(config(out, bpe_pairs, hf_gpt2))
     return out
 
 
@@ -167,7 +176,7 @@ def test_evaluation_scores_each_example_s_response_once(pairs):
     assert targets == int(mask.sum()) - int(mask[starts].sum())  # every response token, never an example's first
 
 
-def test_lora_run_trains_only_adapters_and_merged_weights_load_everywhere(lora_run, hf_gpt2, pairs, tmp_path):
+def test_lora_run_trains_only_adapters_and_merged_weights_load_everywhere(lora_run, hf_gpt2, bpe_pairs, tmp_path):
     ckpt = load_checkpoint(lora_run)
     base = GPT.from_pretrained(hf_gpt2)
     base.crop_block_size(TINY["block_size"])
@@ -183,10 +192,11 @@ def test_lora_run_trains_only_adapters_and_merged_weights_load_everywhere(lora_r
     assert set(ckpt["optimizer"]["state"]) == set(lora["adapters"])  # Adam state for the adapters alone
 
     # the unmerged LoRA model (as a resume builds it) and the merged plain one sample.py loads agree
-    unmerged, _, _ = train.model_from_checkpoint(ckpt, 0.0, lora_run / "ckpt.pt")
-    prepare_finetune(unmerged, config(lora_run, pairs, hf_gpt2), ckpt, lora_run / "ckpt.pt")
+    unmerged, _, _ = train.model_from_checkpoint(ckpt, config(lora_run, bpe_pairs, hf_gpt2, dropout=0.0),
+                                                 lora_run / "ckpt.pt")
+    prepare_finetune(unmerged, config(lora_run, bpe_pairs, hf_gpt2), ckpt, lora_run / "ckpt.pt")
     merged, _ = load_model(lora_run)
-    x = torch.randint(0, load_meta(pairs)["vocab_size"], (2, TINY["block_size"]))
+    x = torch.randint(0, load_meta(bpe_pairs)["vocab_size"], (2, TINY["block_size"]))
     unmerged.eval()
     torch.testing.assert_close(merged(x, x)[0], unmerged(x, x)[0], rtol=1e-5, atol=1e-5)
 
@@ -197,14 +207,14 @@ def test_lora_run_trains_only_adapters_and_merged_weights_load_everywhere(lora_r
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         hf_logits = hf(x).logits
-    assert hf_logits.shape[-1] == load_meta(pairs)["vocab_size"]  # the export drops rows beyond the tokenizer's
+    assert hf_logits.shape[-1] == load_meta(bpe_pairs)["vocab_size"]  # the export drops rows beyond the tokenizer's
     torch.testing.assert_close(hf_logits, merged(x, x)[0][..., :hf_logits.shape[-1]], rtol=1e-4, atol=1e-4)
 
 
-def test_resume_is_bit_identical(lora_run, pairs, hf_gpt2, tmp_path):
+def test_resume_is_bit_identical(lora_run, bpe_pairs, hf_gpt2, tmp_path):
     out = tmp_path / "resumed"
-    train.main(config(out, pairs, hf_gpt2, max_iters=2))
-    train.main(config(out, pairs, "resume"))
+    train.main(config(out, bpe_pairs, hf_gpt2, max_iters=2))
+    train.main(config(out, bpe_pairs, "resume"))
     resumed, straight = load_checkpoint(out), load_checkpoint(lora_run)
     assert resumed["iter_num"] == straight["iter_num"] == 4
     for key in ("model",):
@@ -215,22 +225,22 @@ def test_resume_is_bit_identical(lora_run, pairs, hf_gpt2, tmp_path):
         assert all(torch.equal(resumed["optimizer"]["state"][name][k], v) for k, v in state.items())
 
 
-def test_lora_from_one_of_our_own_runs(lora_run, pairs, tmp_path):
+def test_lora_from_one_of_our_own_runs(lora_run, bpe_pairs, tmp_path):
     """init_from=<a run's out_dir>: that run's (merged) weights are the frozen base of a new LoRA run."""
     out = tmp_path / "second"
-    train.main(config(out, pairs, lora_run, max_iters=1, eval_interval=1, lora_targets="c_attn"))
+    train.main(config(out, bpe_pairs, lora_run, max_iters=1, eval_interval=1, lora_targets="c_attn"))
     source, ckpt = load_checkpoint(lora_run), load_checkpoint(out)
     assert set(ckpt["lora"]["base"]) == {f"transformer.h.{i}.attn.c_attn.weight" for i in range(2)}
     assert all(torch.equal(ckpt["lora"]["base"][k], source["model"][k]) for k in ckpt["lora"]["base"])
     assert torch.equal(ckpt["model"]["transformer.wte.weight"], source["model"]["transformer.wte.weight"])
 
 
-def test_resuming_with_other_lora_settings_is_refused(lora_run, pairs, hf_gpt2, tmp_path):
+def test_resuming_with_other_lora_settings_is_refused(lora_run, bpe_pairs, hf_gpt2, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(lora_run, out)
     for overrides, needle in (({"lora_rank": 8}, "lora_rank=4"), ({"finetune": "full"}, "finetune='lora'")):
         with pytest.raises(Exception, match=needle):
-            train.main(config(out, pairs, "resume", max_iters=6, **overrides))
+            train.main(config(out, bpe_pairs, "resume", max_iters=6, **overrides))
 
 
 def test_finetune_lora_config_trains_gpt2_on_pairs_with_bf16_checkpointing(tmp_path, hf_gpt2, gpt2_encoding):
@@ -255,10 +265,10 @@ def test_finetune_lora_config_trains_gpt2_on_pairs_with_bf16_checkpointing(tmp_p
     assert f"over {int(mask.sum())} tokens" in proc.stdout  # the responses (prompts start with no target)
 
 
-def test_ddp_two_ranks_equal_one_process_and_fsdp_trains_and_resumes(tmp_path, pairs, hf_gpt2):
+def test_ddp_two_ranks_equal_one_process_and_fsdp_trains_and_resumes(tmp_path, bpe_pairs, hf_gpt2):
     """2 gloo ranks (torchrun through launch/single_node.sh) train the same adapters as 1 process; FSDP2
     shards the frozen base and the adapters alike, and its run resumes. No dropout: one stream per rank."""
-    settings = {**TINY, "lora_dropout": 0.0, "data_dir": str(pairs), "init_from": str(hf_gpt2)}
+    settings = {**TINY, "lora_dropout": 0.0, "data_dir": str(bpe_pairs), "init_from": str(hf_gpt2)}
     config_file = tmp_path / "tiny_lora.py"
     config_file.write_text("".join(f"{k} = {v!r}\n" for k, v in settings.items()))
     train.main(TrainConfig(**{**settings, "out_dir": str(tmp_path / "one")}))
