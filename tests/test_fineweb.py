@@ -65,7 +65,9 @@ def test_local_shards_stream_into_val_then_train(tmp_path, shards, docs, gpt2_en
     val, train = bins(tmp_path / "p")
     assert val == expected_stream(docs[:VAL_DOCUMENTS], gpt2_encoding)  # the first documents are val
     assert train == expected_stream(docs[VAL_DOCUMENTS:], gpt2_encoding)
-    assert load_meta(tmp_path / "p") == gpt2_meta()
+    max_ids = {"train": max(expected_stream(docs[VAL_DOCUMENTS:], gpt2_encoding)),
+               "val": max(expected_stream(docs[:VAL_DOCUMENTS], gpt2_encoding))}
+    assert load_meta(tmp_path / "p") == {**gpt2_meta(), "max_token_ids": max_ids}
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
     prepare.main(["--input", str(shards / "jsonl"), "--out_dir", str(tmp_path / "j"), "--val_documents",

@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a plain checkout
 
 from forge.errors import ArgumentParser, run_main  # noqa: E402
-from forge.tokenize import (DataError, PreparedFolder, default_num_proc, gpt2_meta,  # noqa: E402
-                            tokenize_to_bin)
+from forge.tokenize import (DataError, PreparedFolder, already_prepared, default_num_proc, gpt2_meta,  # noqa: E402
+                            num_proc, tokenize_to_bin)
 
 DATA = Path(__file__).resolve().parents[1]
 HUB_DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out_dir", type=Path, help="output folder (default: data/<dataset>-<subset>)")
     parser.add_argument("--max_tokens", type=int, help="stop after this many train tokens (default: the whole subset)")
     parser.add_argument("--val_documents", type=int, default=20_000, help="the first documents, kept for val")
-    parser.add_argument("--num_proc", type=int, default=default_num_proc(), help="tokenizer processes (default: all cores)")
+    parser.add_argument("--num_proc", type=num_proc, default=default_num_proc(), help="tokenizer processes (default: all cores)")
     parser.add_argument("--force", action="store_true", help="prepare again even if the folder is already complete")
     args = parser.parse_args(argv)
     check_subset(args.subset)
@@ -121,14 +121,13 @@ def main(argv=None) -> None:
     if args.val_documents < 1:
         raise DataError(f"--val_documents {args.val_documents} must be at least 1")
     out_dir = args.out_dir or DATA / f"{args.dataset}-{args.subset}"
-    if (out_dir / "meta.json").is_file() and not args.force:
-        print(f"{out_dir} is already prepared (it has a meta.json); pass --force to prepare it again")
+    if already_prepared(out_dir, args.force):
         return
 
     source, stream = open_stream(args.dataset, args.subset, args.input)
     documents = texts(stream, source, local=args.input is not None)
     meta = gpt2_meta()
-    with PreparedFolder(out_dir) as folder:
+    with PreparedFolder(out_dir, force=args.force) as folder:
         val = tokenize_to_bin(islice(documents, args.val_documents), folder.temp("val.bin"), meta,
                               num_proc=args.num_proc, append_eot=True, desc="val")
         train = tokenize_to_bin(documents, folder.temp("train.bin"), meta, num_proc=args.num_proc, append_eot=True,
