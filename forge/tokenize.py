@@ -7,6 +7,7 @@ arrive (so the bytes are the same for any num_proc). A finished folder is commit
 bins are fsynced and renamed into place, and meta.json is written last, so a folder with a
 meta.json is complete and an interrupted run leaves only *.tmp files that the next run replaces.
 """
+import hashlib
 import json
 import multiprocessing
 import os
