@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from configurator import ConfigError, TrainConfig, accumulation_per_rank, config_dict, load_config
-from forge.checkpoint import (NANOGPT_MODEL_ARGS, CheckpointError, check_model_args, check_training_fits,
-                              has_checkpoint, load_checkpoint, load_model_weights, model_args_of,
+from forge.checkpoint import (NANOGPT_MODEL_ARGS, CheckpointError, build_model, check_model_args,
+                              check_training_fits, has_checkpoint, load_checkpoint, load_model_weights, model_args_of,
                               refuse_orphaned_checkpoints, restore_training_state, save_training_state)
 from forge.cpu import retain_freed_memory
 from forge.cpulaunch import run_on_cpu_cores
@@ -37,7 +37,7 @@ from forge.metrics import MetricsLog
 from forge.optim import build_optimizer
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
 from forge.tokenize import GPT2_VOCAB_SIZE, check_same_tokenizer, gpt2_meta, tokenizer_identity
-from model import GPT, GPTConfig, build_model
+from model import GPT, GPTConfig
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation batches: their own fixed stream, never the training batches
 
@@ -231,6 +231,7 @@ def resumed_run_config(values: dict) -> dict:
     if not has_checkpoint(out_dir) or (init_from not in ("resume", "auto") and restart_count() == 0):
         return {}
     ckpt = load_checkpoint(out_dir)
+    check_model_args(ckpt, Path(out_dir) / "ckpt.pt")
     stored = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     model_fields = {k: v for k, v in model_args_of(ckpt).items() if k != "vocab_size"}
     merged = {**model_fields, **stored, "model_type": ckpt["model_type"]}

@@ -389,7 +389,8 @@ class PreparedFolder:
         loader can check the ids against a model's vocabulary without reading the bins.
         """
         meta = {**meta, "max_token_ids": {final.stem: bin_max_id(temp, meta["dtype"])
-                                          for final, temp in self._temps.items() if final.suffix == ".bin"}}
+                                          for final, temp in self._temps.items()
+                                          if final.suffix == ".bin" and "." not in final.stem}}  # not .mask/.starts
         meta_path, backup = self.out_dir / "meta.json", self.out_dir / META_BACKUP
         with open(self.temp("meta.json"), "wb") as f:
             f.write(json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import evaluate
+from forge.checkpoint import build_model
 from forge.errors import UserError
 from forge.tokenize import gpt2_meta
-from model import build_model
 from tests.test_sample import TINY_GPT, make_char_dataset, make_run
 from tests.util import assert_clean_error, run_py, snapshot
 

@@ -7,9 +7,9 @@ import torch
 
 import sample
 from forge.errors import UserError
-from forge.checkpoint import save_checkpoint
+from forge.checkpoint import build_model, save_checkpoint
 from forge.tokenize import char_meta, get_tokenizer, gpt2_meta
-from model import BigramLanguageModel, build_model
+from model import BigramLanguageModel
 from tests.util import assert_clean_error, run_py, snapshot
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
