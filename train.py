@@ -277,12 +277,13 @@ def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int, meta: dict 
     if cfg.model_type != "gpt":
         raise ConfigError(f"init_from={init} loads a GPT-2; model_type={cfg.model_type!r} cannot be fine-tuned from it")
     # GPT-2's weights fix the architecture: an option set otherwise would be ignored. Those GPT-2 cannot
-    # express are refused before any download; the rest (the GELU kind, untied_head) must match the weights'
+    # express are refused before any download; another option set away from its default (the GELU kind,
+    # untied_head) must match the weights' (left at its default, the weights decide)
     lacks = [f"{name}={getattr(cfg, name)!r}" for name, used in OPTIONS_GPT2_LACKS.items() if used(cfg)]
-    refuse_pretrained_options(lacks, init, "GPT-2 does not have")
+    refuse_pretrained_options(lacks, init, "GPT-2 has no such option")
     model = GPT.from_pretrained(init, {"dropout": cfg.dropout})
     differ = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in NANOGPT_MODEL_ARGS
-              and getattr(cfg, f.name, f.default) != getattr(model.config, f.name)]
+              and getattr(cfg, f.name, f.default) not in (f.default, getattr(model.config, f.name))]
     refuse_pretrained_options([f"{name}={getattr(cfg, name)!r}" for name in differ], init, "its weights have "
                               + ", ".join(f"{name}={getattr(model.config, name)!r}" for name in differ))
     if meta is not None and model.config.vocab_size == GPT2_VOCAB_SIZE:  # GPT-2's BPE; another HF vocabulary: its own

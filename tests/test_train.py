@@ -199,26 +199,28 @@ def test_finetune_from_a_local_hf_gpt2_directory(tmp_path, tiny_char_data, monke
 
 
 def test_finetune_refuses_only_options_that_differ_from_the_weights(tmp_path, tiny_char_data):
-    """An option equal to what the GPT-2 folder has fine-tunes; one that differs, or that GPT-2 has no way to
-    express, is one error naming it (before any weights are read, for the latter)."""
+    """An option equal to what the GPT-2 folder has fine-tunes, and so does one left at its default (the weights
+    decide); one set to another value, or one GPT-2 has no way to express, is one error naming it (the latter
+    before any weights are read)."""
     from model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=96, mlp="gelu_exact",
-                  untied_head=True)).save_pretrained(tmp_path / "hf")
-    hf = str(tmp_path / "hf")
-    train.main(tiny_config(tmp_path / "ok", tiny_char_data, init_from=hf, max_iters=1, mlp="gelu_exact",
-                           untied_head=True))
-    model_args = model_args_of(load_checkpoint(tmp_path / "ok"))
-    assert model_args["mlp"] == "gelu_exact" and model_args["untied_head"] is True
-    with pytest.raises(train.ConfigError, match=r"mlp='gelu', untied_head=False cannot apply to .*pretrained "
-                                                r"architecture \(its weights have mlp='gelu_exact', untied_head=True\)"):
-        train.main(tiny_config(tmp_path / "gelu", tiny_char_data, init_from=hf))
-    (tmp_path / "hf" / "model.safetensors").unlink()  # GPT-2 cannot express these: refused without reading weights
-    with pytest.raises(train.ConfigError, match=r"mlp='swiglu', logit_softcap=30.0 cannot apply to .*GPT-2 does not"):
-        train.main(tiny_config(tmp_path / "swiglu", tiny_char_data, init_from=hf, mlp="swiglu", logit_softcap=30.0))
-    assert not (tmp_path / "gelu").exists() and not (tmp_path / "swiglu").exists()
-
+    shape = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=96)
+    GPT(GPTConfig(**shape, mlp="gelu_exact", untied_head=True)).save_pretrained(tmp_path / "exact")
+    GPT(GPTConfig(**shape)).save_pretrained(tmp_path / "plain")
+    exact, plain = str(tmp_path / "exact"), str(tmp_path / "plain")
+    for out, options in (("same", dict(mlp="gelu_exact", untied_head=True)), ("default", {})):
+        train.main(tiny_config(tmp_path / out, tiny_char_data, init_from=exact, max_iters=1, **options))
+        model_args = model_args_of(load_checkpoint(tmp_path / out))
+        assert model_args["mlp"] == "gelu_exact" and model_args["untied_head"] is True
+    with pytest.raises(train.ConfigError, match=r"mlp='gelu_exact', untied_head=True cannot apply to .*pretrained "
+                                                r"architecture \(its weights have mlp='gelu', untied_head=False\)"):
+        train.main(tiny_config(tmp_path / "other", tiny_char_data, init_from=plain, mlp="gelu_exact",
+                               untied_head=True))
+    (tmp_path / "plain" / "model.safetensors").unlink()  # GPT-2 cannot express these: refused without reading weights
+    with pytest.raises(train.ConfigError, match=r"mlp='swiglu', logit_softcap=30.0 cannot apply to .*GPT-2 has no such option"):
+        train.main(tiny_config(tmp_path / "swiglu", tiny_char_data, init_from=plain, mlp="swiglu", logit_softcap=30.0))
+    assert not (tmp_path / "other").exists() and not (tmp_path / "swiglu").exists()
 
 def test_bigram_baseline_trains_and_resumes(tmp_path, tiny_char_data):
     out = tmp_path / "out"
