@@ -218,7 +218,8 @@ def test_finetune_refuses_only_options_that_differ_from_the_weights(tmp_path, ti
         train.main(tiny_config(tmp_path / "other", tiny_char_data, init_from=plain, mlp="gelu_exact",
                                untied_head=True))
     (tmp_path / "plain" / "model.safetensors").unlink()  # GPT-2 cannot express these: refused without reading weights
-    with pytest.raises(train.ConfigError, match=r"mlp='swiglu', logit_softcap=30.0 cannot apply to .*GPT-2 has no such option"):
+    with pytest.raises(train.ConfigError, match=r"mlp='swiglu', logit_softcap=30.0 cannot apply to .*"
+                                                r"GPT-2 has no such option"):
         train.main(tiny_config(tmp_path / "swiglu", tiny_char_data, init_from=plain, mlp="swiglu", logit_softcap=30.0))
     assert not (tmp_path / "other").exists() and not (tmp_path / "swiglu").exists()
 
