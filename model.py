@@ -11,10 +11,9 @@ Options in GPTConfig, all off by default, turn it into a modern recipe (rotary p
 RMSNorm, QK-norm, ReLU^2 or SwiGLU MLPs, an untied head, zero-initialised projections, logit
 soft-capping); each is a small, named branch, so the GPT-2 path reads as before.
 
-Also here: KV-cache sampling (stream / generate), MFU accounting, a bigram baseline, and
-from_pretrained / save_pretrained for Hugging Face GPT-2 folders, whose conversion lives in
-forge/hf.py. Only torch is needed at import time, so this file can be copied alone: then
-from_pretrained still reads a local GPT-2 folder of config.json and model.safetensors.
+Also here: the LM head's loss in chunks, KV-cache sampling (stream / generate) and a bigram
+baseline. Hugging Face conversion lives in forge/hf.py. Only torch is needed at import time, so
+this file can be copied alone: then from_pretrained still reads a local GPT-2 folder.
 
 References:
 1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
@@ -24,7 +23,7 @@ References:
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -616,7 +615,11 @@ class GPT(LanguageModel):
 
 def _load_hf_folder(cls, folder, override_args=None):
     """from_pretrained without forge/hf.py: a local folder of config.json and model.safetensors,
-    converted as forge/hf.py does but without its checks, the Hub, and sharded or .bin files."""
+    converted as forge/hf.py does but without its checks, the Hub, and sharded or .bin files.
+
+    Kept minimal on purpose, and its own copy of the name mapping: it is what lets this file,
+    copied alone with only torch (and safetensors) installed, still load GPT-2 weights.
+    """
     from safetensors.torch import load_file
 
     hf = json.loads((Path(folder) / "config.json").read_text())
@@ -685,24 +688,3 @@ class BigramLanguageModel(LanguageModel):
         """0: a table lookup does no matmul, so MFU does not apply (estimate_mfu returns None)."""
         return 0
 
-
-def build_model(model_type, model_args):
-    """The model a training run or checkpoint names: 'gpt' or 'bigram'.
-
-    model_args is a dict of GPTConfig fields; the bigram uses only vocab_size and block_size.
-    """
-    model_args = dict(model_args)
-    if model_type == "gpt":
-        known = {f.name for f in fields(GPTConfig)}
-        unknown = sorted(set(model_args) - known)
-        if unknown:
-            raise ModelError(
-                f"unknown GPT model argument(s) {', '.join(unknown)}: "
-                f"the GPTConfig fields are {', '.join(sorted(known))}"
-            )
-        return GPT(GPTConfig(**model_args))
-    if model_type == "bigram":
-        if "vocab_size" not in model_args:
-            raise ModelError("the bigram model needs vocab_size in its model arguments")
-        return BigramLanguageModel(model_args["vocab_size"], model_args.get("block_size", 1024))
-    raise ModelError(f"unknown model_type {model_type!r}: use 'gpt' or 'bigram'")

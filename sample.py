@@ -61,10 +61,6 @@ class SampleConfig:
             raise ConfigError(f"seed={self.seed} must be in 0..{MAX_SEED}")
 
 
-class PromptError(UserError):
-    """A prompt that the model's tokenizer cannot encode or a prompt file that cannot be read."""
-
-
 def read_prompt(start: str) -> str:
     """--start's text: the value itself, or the contents of FILE:path."""
     if not start.startswith("FILE:"):
@@ -73,9 +69,9 @@ def read_prompt(start: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise PromptError(f"prompt file {path} not found (from --start=FILE:{path})") from None
+        raise UserError(f"prompt file {path} not found (from --start=FILE:{path})") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise PromptError(f"cannot read prompt file {path}: {exc}") from None
+        raise UserError(f"cannot read prompt file {path}: {exc}") from None
 
 
 def encode_prompt(text: str, tokenizer, block_size: int) -> tuple[list[int], str]:
@@ -90,14 +86,14 @@ def encode_prompt(text: str, tokenizer, block_size: int) -> tuple[list[int], str
             return [tokenizer.eot_token], ""
         text = "\n"
         if "\n" not in getattr(tokenizer, "itos", []):
-            raise PromptError("empty prompt, and this character vocabulary has no newline to start from; "
+            raise UserError("empty prompt, and this character vocabulary has no newline to start from; "
                               "give some text with --start=TEXT")
     try:
         ids = tokenizer.encode(text)
     except UserError as exc:
-        raise PromptError(f"prompt: {exc}") from None
+        raise UserError(f"prompt: {exc}") from None
     if not ids:
-        raise PromptError("the prompt encodes to no tokens; give some text with --start=TEXT")
+        raise UserError("the prompt encodes to no tokens; give some text with --start=TEXT")
     if len(ids) > block_size:
         print(f"warning: the prompt is {len(ids)} tokens, longer than the model's context of {block_size}; "
               f"keeping its last {block_size} tokens", file=sys.stderr, flush=True)

@@ -19,26 +19,26 @@ import numpy as np
 import torch
 
 from configurator import ConfigError, TrainConfig, accumulation_per_rank, config_dict, load_config
-from forge.checkpoint import (CheckpointError, check_model_args, check_training_fits, has_checkpoint,
-                              load_checkpoint, load_model_weights, model_args_of, refuse_orphaned_checkpoints,
-                              restore_training_state, save_training_state)
+from forge.checkpoint import (NANOGPT_MODEL_ARGS, CheckpointError, build_model, check_model_args,
+                              check_training_fits, has_checkpoint, load_checkpoint, load_model_weights, model_args_of,
+                              refuse_orphaned_checkpoints, restore_training_state, save_training_state)
 from forge.cpu import retain_freed_memory
 from forge.cpulaunch import run_on_cpu_cores
 from forge.data import TokenBatches, load_meta
 from forge.distributed import (all_reduce_mean, any_rank, destroy, gradient_sync, init_distributed, is_compiled,
                                parallelize, restart_count)
-from forge.errors import is_rank_zero, run_main
+from forge.errors import UserError, is_rank_zero, run_main
 from forge.flops import device_peak_flops
 from forge.hellaswag import HellaSwagTask
+from forge.hf import OPTIONS_GPT2_LACKS
 from forge.io import lock_folder
 from forge.lora import prepare_finetune, trainable_summary
-from forge.metrics import MetricsLog, NonFiniteLossError
+from forge.metrics import MetricsLog
 from forge.optim import build_optimizer
 from forge.precision import autocast, resolve_dtype, set_matmul_precision
 from forge.tokenize import GPT2_VOCAB_SIZE, check_same_tokenizer, gpt2_meta, tokenizer_identity
-from model import GPT, GPTConfig, build_model
+from model import GPT, GPTConfig
 
-GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}  # the rest are options
 EVAL_SEED_OFFSET = 1_000_003  # evaluation batches: their own fixed stream, never the training batches
 
 
@@ -231,8 +231,7 @@ def resumed_run_config(values: dict) -> dict:
     if not has_checkpoint(out_dir) or (init_from not in ("resume", "auto") and restart_count() == 0):
         return {}
     ckpt = load_checkpoint(out_dir)
-    if not isinstance(ckpt.get("model_args"), dict):  # create_model's check_model_args says what is wrong
-        return {}
+    check_model_args(ckpt, Path(out_dir) / "ckpt.pt")
     stored = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     model_fields = {k: v for k, v in model_args_of(ckpt).items() if k != "vocab_size"}
     merged = {**model_fields, **stored, "model_type": ckpt["model_type"]}
@@ -277,15 +276,26 @@ def create_model(cfg: TrainConfig, init: str, ckpt, vocab_size: int, meta: dict 
         return fit_pretrained(cfg, init, model, meta), dataclasses.asdict(model.config), model_type
     if cfg.model_type != "gpt":
         raise ConfigError(f"init_from={init} loads a GPT-2; model_type={cfg.model_type!r} cannot be fine-tuned from it")
-    for option in dataclasses.fields(GPTConfig):  # GPT-2's weights fix the architecture: an option would be ignored
-        if option.name not in GPT2_FIELDS and getattr(cfg, option.name, option.default) != option.default:
-            raise ConfigError(f"{option.name}={getattr(cfg, option.name)!r} cannot apply to {init}'s pretrained "
-                              f"architecture: drop it to fine-tune GPT-2, or train from scratch with it")
+    # GPT-2's weights fix the architecture: an option set otherwise would be ignored. Those GPT-2 cannot
+    # express are refused before any download; another option set away from its default (the GELU kind,
+    # untied_head) must match the weights' (left at its default, the weights decide)
+    lacks = [f"{name}={getattr(cfg, name)!r}" for name, used in OPTIONS_GPT2_LACKS.items() if used(cfg)]
+    refuse_pretrained_options(lacks, init, "GPT-2 has no such option")
     model = GPT.from_pretrained(init, {"dropout": cfg.dropout})
+    differ = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in NANOGPT_MODEL_ARGS
+              and getattr(cfg, f.name, f.default) not in (f.default, getattr(model.config, f.name))]
+    refuse_pretrained_options([f"{name}={getattr(cfg, name)!r}" for name in differ], init, "its weights have "
+                              + ", ".join(f"{name}={getattr(model.config, name)!r}" for name in differ))
     if meta is not None and model.config.vocab_size == GPT2_VOCAB_SIZE:  # GPT-2's BPE; another HF vocabulary: its own
         check_same_tokenizer(tokenizer_identity(gpt2_meta()), meta, cfg.data_dir or f"data/{cfg.dataset}", init,
                              "prepare the data with the GPT-2 tokenizer")
     return fit_pretrained(cfg, init, model, meta), dataclasses.asdict(model.config), "gpt"
+
+
+def refuse_pretrained_options(options: list[str], init: str, why: str) -> None:
+    if options:
+        raise ConfigError(f"{', '.join(options)} cannot apply to {init}'s pretrained architecture ({why}): "
+                          "drop it to fine-tune GPT-2, or train from scratch with it")
 
 
 def model_from_checkpoint(ckpt: dict, cfg: TrainConfig, source: Path, device=None):
@@ -418,7 +428,7 @@ def raise_if_nonfinite(bad_step: torch.Tensor, out_dir: str) -> None:
 
 
 def raise_nonfinite(step: int, out_dir: str) -> None:
-    raise NonFiniteLossError(f"the loss or gradient norm became NaN/inf at iter {step}; stopped without saving, so the "
+    raise UserError(f"the loss or gradient norm became NaN/inf at iter {step}; stopped without saving, so the "
                              f"last good checkpoint in {out_dir} is untouched: lower learning_rate, set grad_clip, "
                              "or use bfloat16/float32")
 

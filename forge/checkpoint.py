@@ -10,6 +10,7 @@ never run code when it is opened.
 Writes go to a temporary file in the same folder, are fsync'ed, then renamed over ckpt.pt (and the
 folder fsync'ed): a crash at any moment leaves the old checkpoint or the new one, never a torn one.
 """
+import dataclasses
 import json
 import os
 import pickle
@@ -245,11 +246,31 @@ def model_args_of(ckpt: dict) -> dict:
     return model_args
 
 
+def build_model(model_type, model_args):
+    """The model a training run or checkpoint names: 'gpt' (model.GPT) or 'bigram' (model.BigramLanguageModel).
+
+    model_args is a dict of GPTConfig fields; the bigram uses only vocab_size and block_size.
+    """
+    from model import GPT, BigramLanguageModel, GPTConfig, ModelError
+
+    model_args = dict(model_args)
+    if model_type == "gpt":
+        known = {f.name for f in dataclasses.fields(GPTConfig)}
+        unknown = sorted(set(model_args) - known)
+        if unknown:
+            raise ModelError(f"unknown GPT model argument(s) {', '.join(unknown)}: "
+                             f"the GPTConfig fields are {', '.join(sorted(known))}")
+        return GPT(GPTConfig(**model_args))
+    if model_type == "bigram":
+        if "vocab_size" not in model_args:
+            raise ModelError("the bigram model needs vocab_size in its model arguments")
+        return BigramLanguageModel(model_args["vocab_size"], model_args.get("block_size", 1024))
+    raise ModelError(f"unknown model_type {model_type!r}: use 'gpt' or 'bigram'")
+
+
 def load_model(out_dir, device="cpu"):
     """(model in eval mode on `device`, checkpoint dict) for sample.py and evaluate.py. The checkpoint's
     shapes are checked before anything is allocated, and NaN/inf weights are refused."""
-    from model import build_model
-
     ckpt = load_checkpoint(out_dir)
     source = checkpoint_path(out_dir)
     check_model_args(ckpt, source)
@@ -267,8 +288,6 @@ def check_model_args(ckpt: dict, source) -> None:
     Checked on the meta device (no memory), after the number of blocks is compared with the tensors:
     an edited or damaged model_args (n_embd=10**6, n_layer=10**9) is a CheckpointError, never a model
     of terabytes being allocated."""
-    from model import build_model
-
     model_args = ckpt.get("model_args")
     if not isinstance(model_args, dict):
         raise CheckpointError(f"{source} has no model_args (the model's shape): it was not written by a training run "

@@ -48,10 +48,6 @@ DEFAULT_TIMEOUT_S = 900.0  # long enough for rank 0 to write a GPT-2 XL checkpoi
 PARALLELISMS = ("ddp", "fsdp")
 
 
-class DistributedError(UserError):
-    """A distributed setup the user can fix (backend, device count, parallelism options)."""
-
-
 class CollectiveError(UserError):
     """A collective timed out (exit code 3) or lost its peer (exit code 4): another rank hung or died.
 
@@ -98,7 +94,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise DistributedError(f"environment variable {name}={value!r} is not an integer; unset it or launch with torchrun")
+        raise UserError(f"environment variable {name}={value!r} is not an integer; unset it or launch with torchrun")
 
 
 def resolve_device(device: str) -> str:
@@ -112,38 +108,38 @@ def resolve_device(device: str) -> str:
     try:
         kind = torch.device(device).type
     except RuntimeError:
-        raise DistributedError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        raise UserError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise DistributedError(f"device={device!r} but this machine has no usable CUDA GPU; use --device=cpu (or auto)")
+        raise UserError(f"device={device!r} but this machine has no usable CUDA GPU; use --device=cpu (or auto)")
     index = torch.device(device).index
     if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
-        raise DistributedError(f"device={device!r} but this machine shows {torch.cuda.device_count()} CUDA GPU(s) "
+        raise UserError(f"device={device!r} but this machine shows {torch.cuda.device_count()} CUDA GPU(s) "
                                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}); use --device=cuda or check "
                                "CUDA_VISIBLE_DEVICES")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise DistributedError(f"device={device!r} but MPS is not available here; use --device=cpu (or auto)")
+        raise UserError(f"device={device!r} but MPS is not available here; use --device=cpu (or auto)")
     return device
 
 
 def check_processes(device: str, backend: str | None, world_size: int, local_world_size: int) -> str:
     """The process-group backend for `world_size` processes on `device` (a resolved device), `local_world_size`
-    of them on this node: `backend`, or by default 'nccl' on CUDA and 'gloo' otherwise. A DistributedError for
+    of them on this node: `backend`, or by default 'nccl' on CUDA and 'gloo' otherwise. A UserError for
     a setup that cannot work. forge.launch runs it before starting any worker, each worker again."""
     kind = torch.device(device).type
     backend = backend or ("nccl" if kind == "cuda" else "gloo")
     if backend not in ("nccl", "gloo"):
-        raise DistributedError(f"backend={backend!r} is not supported; use 'nccl' (GPUs) or 'gloo' (CPU)")
+        raise UserError(f"backend={backend!r} is not supported; use 'nccl' (GPUs) or 'gloo' (CPU)")
     if backend == "nccl" and kind != "cuda":
-        raise DistributedError(
+        raise UserError(
             f"backend='nccl' needs CUDA GPUs but device={device!r}"
             + ("" if torch.cuda.is_available() else " and this machine has none")
             + "; use --backend=gloo (CPU) or --device=cuda"
         )
     if kind == "mps" and world_size > 1:
-        raise DistributedError("MPS does not support multi-process training; use --device=cpu or one process")
+        raise UserError("MPS does not support multi-process training; use --device=cpu or one process")
     if kind == "cuda" and local_world_size > torch.cuda.device_count():
         n_gpus = torch.cuda.device_count()
-        raise DistributedError(
+        raise UserError(
             f"{local_world_size} processes on this node but only {n_gpus} GPU(s) visible; "
             f"launch with --nproc_per_node={n_gpus} (or fewer), or check CUDA_VISIBLE_DEVICES"
         )
@@ -163,13 +159,13 @@ def init_distributed(
     """
     global _timeout_s, _cpu_group, _joined_rank
     if timeout_s is None or timeout_s <= 0:
-        raise DistributedError(f"dist_timeout_s={timeout_s} must be a positive number of seconds")
+        raise UserError(f"dist_timeout_s={timeout_s} must be a positive number of seconds")
     _timeout_s = float(timeout_s)
     rank, local_rank, world_size = _env_int("RANK"), _env_int("LOCAL_RANK"), _env_int("WORLD_SIZE")
     device = resolve_device(device)
     if world_size is None or rank is None:
         if backend not in (None, "", "nccl", "gloo"):
-            raise DistributedError(f"backend={backend!r} is not supported; use 'nccl' (GPUs) or 'gloo' (CPU)")
+            raise UserError(f"backend={backend!r} is not supported; use 'nccl' (GPUs) or 'gloo' (CPU)")
         return DistInfo(0, 0, 1, device)
     local_rank = rank if local_rank is None else local_rank
     backend = check_processes(device, backend, world_size, _env_int("LOCAL_WORLD_SIZE") or world_size)
@@ -247,7 +243,7 @@ def _collective_errors(what: str, joining: bool = False):
 def _blocks(model: nn.Module, what: str) -> nn.ModuleList:
     blocks = getattr(getattr(model, "transformer", None), "h", None)
     if not isinstance(blocks, nn.ModuleList):
-        raise DistributedError(
+        raise UserError(
             f"{what} needs a model with transformer blocks in model.transformer.h "
             f"(got {type(model).__name__}); use --parallelism=ddp and --activation_checkpointing=False"
         )
@@ -284,8 +280,7 @@ def compile_problem(device, backend="inductor") -> str | None:
         torch.compile(_compile_probe, fullgraph=True, backend=backend)(torch.ones(8, device=device))
     except Exception as exc:  # inductor and triton raise many kinds (InductorError, CalledProcessError, ...)
         cause = getattr(exc, "inner_exception", None) or exc  # what the backend raised, without dynamo's advice
-        first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
-        return f"{type(cause).__name__}: {first}"[:300]
+        return f"{type(cause).__name__}: {first_line(cause, limit=300)}"[:300]
     return None
 
 
@@ -384,7 +379,7 @@ def parallelize(
     compile_options: keyword arguments for torch.compile (e.g. fullgraph=True, backend=...).
     """
     if parallelism not in PARALLELISMS:
-        raise DistributedError(f"parallelism={parallelism!r} is not supported; use one of {', '.join(PARALLELISMS)}")
+        raise UserError(f"parallelism={parallelism!r} is not supported; use one of {', '.join(PARALLELISMS)}")
     if parallelism == "fsdp":
         _blocks(model, "parallelism='fsdp'")  # fail early, on every rank, for models without blocks
     if activation_checkpointing:

@@ -16,14 +16,11 @@ character-level vocabulary becomes a tokenizer.json of one token per character (
 `tokenizers` package, which transformers depends on).
 """
 import json
-import os
-import secrets
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from forge.io import first_line, os_reason, replacing_folder
 from forge.tokenize import GPT2_EOT, GPT2Tokenizer, bpe_tokenizer_files
 from model import GPTConfig, ModelError
 
@@ -60,10 +57,6 @@ def options_gpt2_lacks(config: GPTConfig) -> list[str]:
     """The options of `config` that GPT-2 does not have, as 'rotary', "mlp='swiglu'", ..."""
     return [name if name != "mlp" else f"mlp={config.mlp!r}" for name, used in OPTIONS_GPT2_LACKS.items()
             if used(config)]
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,40 +346,18 @@ def save_pretrained(model, save_dir, vocab_size=None, meta=None, tokenizer_dir=N
     tensors = hf_state_dict(model, vocab_size)
     files = {"config.json": json_text(hf_config_for(cfg, vocab_size, eot_id)), **tokenizer_files}
     try:
-        with new_folder(save_dir) as tmp_dir:
+        with replacing_folder(save_dir) as tmp_dir:
             save_file(tensors, str(tmp_dir / "model.safetensors"), metadata={"format": "pt"})
             for name, text in files.items():
                 (tmp_dir / name).write_text(text, encoding="utf-8")
     except OSError as exc:  # read-only or full disk, permission denied: nothing was replaced
-        raise ModelError(f"cannot write the export to {save_dir} ({exc.strerror or first_line(exc)}); "
+        raise ModelError(f"cannot write the export to {save_dir} ({os_reason(exc)}); "
                          "choose a writable folder with free space") from None
     return sorted(tokenizer_files)
 
 
 def json_text(obj) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-
-
-@contextmanager
-def new_folder(dest: Path):
-    """`with new_folder(dest) as tmp:` fill tmp; on success it replaces dest in one rename.
-
-    tmp is made as os.makedirs (and so transformers' save_pretrained) makes a folder, with the
-    umask's mode (tempfile.mkdtemp's would be 0700). A dest that exists (empty, or an earlier
-    export) is moved aside first and deleted after the rename.
-    """
-    tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = dest.parent / f".{dest.name}.old-{secrets.token_hex(4)}"
-        if dest.exists():
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,10 +20,6 @@ from forge.tokenize import check_same_tokenizer, get_tokenizer, gpt2_meta, token
 META_NAMES = ("meta.json", "meta.pkl")
 
 
-class InferenceError(UserError):
-    """A model source or tokenizer metadata that sample.py / evaluate.py cannot use."""
-
-
 @dataclass
 class Loaded:
     model: torch.nn.Module  # in eval mode, on the device
@@ -54,9 +50,9 @@ def meta_from_path(meta_path) -> dict:
     path = Path(meta_path)
     folder = meta_folder(path)
     if path.is_dir() and not any((path / name).is_file() for name in META_NAMES):
-        raise InferenceError(f"--meta={meta_path}: folder has no meta.json or meta.pkl")
+        raise UserError(f"--meta={meta_path}: folder has no meta.json or meta.pkl")
     if not path.is_dir() and (path.name not in META_NAMES or not path.is_file()):
-        raise InferenceError(f"--meta={meta_path} is not an existing meta.json or meta.pkl file (or a folder holding one)")
+        raise UserError(f"--meta={meta_path} is not an existing meta.json or meta.pkl file (or a folder holding one)")
     return load_meta(folder)
 
 
@@ -72,7 +68,7 @@ def run_meta(data_dir: Path | None, vocab_size: int, source: str) -> dict:
         return gpt2_meta()
     where = f"{data_dir}/meta.json" if data_dir is not None else "the run's dataset metadata"
     script = f"python data/{data_dir.name}/prepare.py" if data_dir is not None else "the dataset's prepare.py"
-    raise InferenceError(
+    raise UserError(
         f"{where} not found, and {source} (vocabulary of {vocab_size}) needs it to encode and decode text: "
         f"run `{script}` on this machine or pass --meta=PATH/TO/meta.json"
     )
@@ -81,7 +77,7 @@ def run_meta(data_dir: Path | None, vocab_size: int, source: str) -> dict:
 def check_meta_fits(meta: dict, vocab_size: int, source: str) -> None:
     """A tokenizer with more ids than the model's vocabulary belongs to another model."""
     if meta["vocab_size"] > vocab_size:
-        raise InferenceError(
+        raise UserError(
             f"the tokenizer ({meta['tokenizer']}, {meta['vocab_size']} ids) does not fit {source} "
             f"(vocabulary of {vocab_size}): the metadata belongs to another dataset; pass the run's own with --meta"
         )
@@ -100,7 +96,7 @@ def load_for_inference(out_dir: str, init_from: str, device: str, meta_path: str
     """
     if init_from == "resume":
         if not Path(out_dir).is_dir():
-            raise InferenceError(f"out_dir {out_dir} does not exist; pass the out_dir of a training run "
+            raise UserError(f"out_dir {out_dir} does not exist; pass the out_dir of a training run "
                                  "(or --init_from=gpt2 for OpenAI's weights)")
         model, ckpt = load_model(out_dir, device)
         source = f"{Path(out_dir) / 'ckpt.pt'} (iter {ckpt.get('iter_num', '?')})"

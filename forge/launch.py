@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from forge.errors import run_main
+from forge.io import first_line
 
 # Exit codes of workers under forge.errors.run_main:
 USER_ERROR = 2  # a UserError, reported by rank 0: the same mistake on every attempt
@@ -185,9 +186,8 @@ def main(argv=None) -> int:
         return 1
     except RendezvousError as exc:
         endpoint = args.rdzv_endpoint or f"{args.master_addr}:{args.master_port}"
-        first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         print(
-            f"error: the nodes could not meet at {endpoint} (--nnodes={args.nnodes}): {first_line.strip()}; check "
+            f"error: the nodes could not meet at {endpoint} (--nnodes={args.nnodes}): {first_line(exc)}; check "
             "that every node runs the launcher with the same --rdzv_endpoint/--rdzv_id and can reach that host:port",
             file=sys.stderr,
             flush=True,

@@ -34,10 +34,6 @@ from forge.errors import UserError
 TARGET_NAMES = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "c_proj", "lm_head")
 
 
-class LoRAError(UserError):
-    """A LoRA setting that cannot apply to this model (rank, targets, model type, optimizer)."""
-
-
 @dataclass(frozen=True)
 class LoRASpec:
     rank: int = 8
@@ -58,22 +54,22 @@ class LoRASpec:
 
 
 def parse_targets(text: str) -> tuple:
-    """'c_attn,c_proj' -> ('c_attn', 'c_proj'); an unknown or empty list is a LoRAError."""
+    """'c_attn,c_proj' -> ('c_attn', 'c_proj'); an unknown or empty list is a UserError."""
     targets = tuple(t.strip() for t in text.split(",") if t.strip())
     unknown = [t for t in targets if t not in TARGET_NAMES]
     if unknown or not targets:
-        raise LoRAError(f"lora_targets={text!r}: {'unknown ' + repr(unknown[0]) if unknown else 'empty'}; "
+        raise UserError(f"lora_targets={text!r}: {'unknown ' + repr(unknown[0]) if unknown else 'empty'}; "
                         f"use a comma-separated list of {', '.join(TARGET_NAMES)}")
     return targets
 
 
 def check_spec(spec: LoRASpec) -> None:
     if spec.rank < 1:
-        raise LoRAError(f"lora_rank={spec.rank} must be at least 1 (8 or 16 are usual)")
+        raise UserError(f"lora_rank={spec.rank} must be at least 1 (8 or 16 are usual)")
     if spec.alpha <= 0:
-        raise LoRAError(f"lora_alpha={spec.alpha} must be positive (the update is scaled by alpha / rank)")
+        raise UserError(f"lora_alpha={spec.alpha} must be positive (the update is scaled by alpha / rank)")
     if not 0.0 <= spec.dropout < 1.0:
-        raise LoRAError(f"lora_dropout={spec.dropout} must be in [0, 1)")
+        raise UserError(f"lora_dropout={spec.dropout} must be in [0, 1)")
 
 
 class LoRALinear(nn.Linear):
@@ -109,18 +105,18 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> list:
     Returns the wrapped layers' names. Call before compile / DDP and before building the optimizer."""
     check_spec(spec)
     if not hasattr(getattr(model, "transformer", None), "h"):
-        raise LoRAError(f"finetune=lora needs the transformer (model_type='gpt'); a {type(model).__name__} has "
+        raise UserError(f"finetune=lora needs the transformer (model_type='gpt'); a {type(model).__name__} has "
                         "no attention or MLP layers to adapt: use finetune='full'")
     config = getattr(model, "config", None)
     if "lm_head" in spec.targets and not getattr(config, "untied_head", True):
-        raise LoRAError("lora_targets includes lm_head, but this model's head is tied to the token embedding (GPT-2's "
+        raise UserError("lora_targets includes lm_head, but this model's head is tied to the token embedding (GPT-2's "
                         "is): an adapter there cannot be merged into one matrix; drop lm_head from lora_targets")
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and _is_target(name, spec.targets)]
     if not found:
-        raise LoRAError(f"lora_targets={','.join(spec.targets)} matches no linear layer of this model")
+        raise UserError(f"lora_targets={','.join(spec.targets)} matches no linear layer of this model")
     for name, layer in found:
         if spec.rank > min(layer.in_features, layer.out_features):
-            raise LoRAError(f"lora_rank={spec.rank} is larger than {name}'s smallest dimension "
+            raise UserError(f"lora_rank={spec.rank} is larger than {name}'s smallest dimension "
                             f"({layer.out_features} x {layer.in_features}): a low-rank update needs rank below it")
     model.requires_grad_(False)
     for name, layer in found:
@@ -167,7 +163,7 @@ def load_adapters(model: nn.Module, adapters: dict, source) -> None:
     """Copy a checkpoint's A and B into a model that apply_lora wrapped with the same spec."""
     own = {name: p for name, p in model.named_parameters() if is_adapter(name)}
     if set(own) != set(adapters) or any(own[k].shape != adapters[k].shape for k in own):
-        raise LoRAError(f"{source}: the stored adapters ({len(adapters)} tensors) do not fit this model's "
+        raise UserError(f"{source}: the stored adapters ({len(adapters)} tensors) do not fit this model's "
                         f"({len(own)}); resume with the model and LoRA settings the run was started with")
     with torch.no_grad():
         for name, p in own.items():
@@ -178,13 +174,13 @@ def check_resume_settings(cfg, ckpt: dict, source) -> None:
     """A resumed run keeps its fine-tuning mode and LoRA shape (dropout may change, as the model's may)."""
     saved_mode = "lora" if ckpt.get("lora") else "full"
     if cfg.finetune != saved_mode:
-        raise LoRAError(f"{source} was trained with finetune={saved_mode!r} but the config says "
+        raise UserError(f"{source} was trained with finetune={saved_mode!r} but the config says "
                         f"finetune={cfg.finetune!r}: resume with the same mode, or start a new --out_dir")
     if saved_mode == "lora":
         saved, wanted = spec_from_checkpoint(ckpt), LoRASpec.from_config(cfg)
         for key in ("rank", "alpha", "targets"):
             if getattr(saved, key) != getattr(wanted, key):
-                raise LoRAError(f"{source} was trained with lora_{key}={getattr(saved, key)!r} but the config says "
+                raise UserError(f"{source} was trained with lora_{key}={getattr(saved, key)!r} but the config says "
                                 f"{getattr(wanted, key)!r}: resume with the run's LoRA settings")
 
 

@@ -38,10 +38,6 @@ RUN_START_ENV = "GPTFORGE_RUN_START"  # set by forge.cpulaunch in its workers: t
 PROCESS_START = float(os.environ.get(RUN_START_ENV) or process_start_time())  # time_s counts from here
 
 
-class NonFiniteLossError(UserError):
-    """The loss (or gradient norm) became NaN or infinite: training stopped, checkpoints untouched."""
-
-
 def git_commit(repo_dir=None) -> str:
     """The commit the code runs from (`git rev-parse HEAD`), or 'unknown' outside a git checkout."""
     repo_dir = repo_dir or Path(__file__).resolve().parents[1]

@@ -21,10 +21,6 @@ OPTIMIZERS = ("adamw", "muon")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-class OptimizerError(UserError):
-    """An optimizer setting the user can fix (unknown name, bad hyperparameter)."""
-
-
 def build_optimizer(
     model,
     name,
@@ -51,20 +47,20 @@ def build_optimizer(
     if name == "adamw":
         return model.configure_optimizers(weight_decay, learning_rate, betas, device_type)
     if name != "muon":
-        raise OptimizerError(f"optimizer={name!r} is unknown: use one of {', '.join(OPTIMIZERS)}")
+        raise UserError(f"optimizer={name!r} is unknown: use one of {', '.join(OPTIMIZERS)}")
     if learning_rate <= 0 or muon_lr <= 0 or embedding_lr < 0 or head_lr < 0:
-        raise OptimizerError(
+        raise UserError(
             f"optimizer=muon needs learning_rate > 0, muon_lr > 0, embedding_lr >= 0 and head_lr >= 0 (got "
             f"{learning_rate}, {muon_lr}, {embedding_lr}, {head_lr}): each group follows the schedule as "
             "lr * its_lr / learning_rate"
         )
     if not 0 <= muon_momentum < 1:
-        raise OptimizerError(f"muon_momentum={muon_momentum} must be in [0, 1)")
+        raise UserError(f"muon_momentum={muon_momentum} must be in [0, 1)")
     if muon_ns_steps < 1:
-        raise OptimizerError(f"muon_ns_steps={muon_ns_steps} must be at least 1")
+        raise UserError(f"muon_ns_steps={muon_ns_steps} must be at least 1")
     groups = muon_param_groups(model)
     if not groups["muon"] + groups["muon_qkv"]:
-        raise OptimizerError(
+        raise UserError(
             f"optimizer=muon found no 2-D hidden weights in this {type(model).__name__} "
             "(Muon needs model.transformer.h): use optimizer=adamw"
         )
@@ -230,6 +226,9 @@ class Muon(torch.optim.Optimizer):
         defaults to them) and the same state, so state_dict() holds torch.optim.AdamW's layout. Made anew
         after load_state_dict, which replaces both."""
         if self._adamw is None or self._adamw.state is not self.state:
-            self._adamw = torch.optim.AdamW([g for g in self.param_groups if not g["use_muon"]])
+            groups = [g for g in self.param_groups if not g["use_muon"]]
+            # the fused kernel (one launch for all of them) where torch has it, as configure_optimizers
+            fused = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
+            self._adamw = torch.optim.AdamW(groups, fused=fused)
             self._adamw.state = self.state
         return self._adamw

@@ -10,10 +10,6 @@ from forge.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class PrecisionError(UserError):
-    """A dtype this device cannot compute in."""
-
-
 def _mps_has_bfloat16() -> bool:
     try:
         torch.ones(1, device="mps", dtype=torch.bfloat16)
@@ -25,7 +21,7 @@ def _mps_has_bfloat16() -> bool:
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """'auto' -> bfloat16 where the device has it (Ampere+ GPUs), float16 on older GPUs, float32 on CPU/MPS.
 
-    An explicit dtype the device cannot compute in is a PrecisionError naming what to use instead.
+    An explicit dtype the device cannot compute in is a UserError naming what to use instead.
     """
     kind = torch.device(device).type
     if dtype == "auto":
@@ -33,15 +29,15 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in DTYPES:
-        raise PrecisionError(f"dtype={dtype!r} is unknown; use auto, float32, bfloat16 or float16")
+        raise UserError(f"dtype={dtype!r} is unknown; use auto, float32, bfloat16 or float16")
     if dtype == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise PrecisionError(f"dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+        raise UserError(f"dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no bfloat16 support; "
                              "use --dtype=float16 (with loss scaling) or --dtype=auto")
     if dtype == "bfloat16" and kind == "mps" and not _mps_has_bfloat16():
-        raise PrecisionError("dtype=bfloat16 is not supported by this MPS device (macOS 14+ needed); "
+        raise UserError("dtype=bfloat16 is not supported by this MPS device (macOS 14+ needed); "
                              "use --dtype=float16 or --dtype=float32")
     if dtype == "float16" and kind == "cpu":
-        raise PrecisionError("dtype=float16 needs a GPU (CPU autocast has no float16 loss scaling); "
+        raise UserError("dtype=float16 needs a GPU (CPU autocast has no float16 loss scaling); "
                              "use --dtype=float32 or --dtype=bfloat16 on the CPU")
     return DTYPES[dtype]
 
@@ -76,7 +72,7 @@ def set_matmul_precision(precision: str, device: str) -> str:
     SDPA's kernels are slower on that path. Elsewhere 'medium' falls back to 'high'.
     """
     if precision not in MATMUL_PRECISIONS:
-        raise PrecisionError(f"matmul_precision={precision!r} is unknown; use {', '.join(MATMUL_PRECISIONS)}")
+        raise UserError(f"matmul_precision={precision!r} is unknown; use {', '.join(MATMUL_PRECISIONS)}")
     on_cpu = torch.device(device).type == "cpu"
     if precision == "medium" and on_cpu and not cpu_has_bf16_matmul():
         precision = "high"

@@ -1,7 +1,6 @@
 """configurator.py: config files, --key=value overrides, types, typos, --help, generic dataclasses."""
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
 import pytest

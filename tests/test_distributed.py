@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from forge import distributed as D
+from forge.errors import UserError
 
 VOCAB, WIDTH, N_BLOCKS, SEQ = 32, 16, 2, 6
 GRAD_ACCUM, MICRO_BATCH, STEPS = 4, 2, 4
@@ -256,7 +257,7 @@ def test_bad_setup_is_a_clear_error_on_every_rank(monkeypatch, env, kwargs, need
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(D.DistributedError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         D.init_distributed(**kwargs)
 
 
@@ -265,20 +266,20 @@ def test_more_ranks_than_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for var, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="4", LOCAL_WORLD_SIZE="4").items():
         monkeypatch.setenv(var, value)
-    with pytest.raises(D.DistributedError, match=r"4 processes on this node but only 2 GPU\(s\).*--nproc_per_node=2"):
+    with pytest.raises(UserError, match=r"4 processes on this node but only 2 GPU\(s\).*--nproc_per_node=2"):
         D.init_distributed("cuda")
 
 
 def test_no_gpu_for_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(D.DistributedError, match="no usable CUDA GPU"):
+    with pytest.raises(UserError, match="no usable CUDA GPU"):
         D.init_distributed("cuda")
 
 
 def test_cuda_index_beyond_the_visible_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(D.DistributedError, match=r"device='cuda:2' but this machine shows 2 CUDA GPU\(s\)"):
+    with pytest.raises(UserError, match=r"device='cuda:2' but this machine shows 2 CUDA GPU\(s\)"):
         D.resolve_device("cuda:2")
     assert D.resolve_device("cuda:1") == "cuda:1"
 
@@ -292,7 +293,7 @@ def test_cuda_index_beyond_the_visible_gpus(monkeypatch):
     ],
 )
 def test_incompatible_parallelism_options(model, kwargs, needle):
-    with pytest.raises(D.DistributedError, match=needle.replace("(", r"\(")):
+    with pytest.raises(UserError, match=needle.replace("(", r"\(")):
         D.parallelize(model or new_model(), D.DistInfo(), **kwargs)
 
 

@@ -1,4 +1,5 @@
 """evaluate.py: the whole-split loss equals a hand computation, ranks agree, HellaSwag runs, bad input."""
+import contextlib
 import json
 import math
 import re
@@ -8,9 +9,9 @@ import pytest
 import torch
 
 import evaluate
+from forge.checkpoint import build_model
 from forge.errors import UserError
 from forge.tokenize import gpt2_meta
-from model import build_model
 from tests.test_sample import TINY_GPT, make_char_dataset, make_run
 from tests.util import assert_clean_error, run_py, snapshot
 
@@ -63,6 +64,26 @@ def test_loss_over_the_whole_split_equals_hand_computed(char_run, capsys):
     evaluate.main(evaluate.load_config([f"--out_dir={out_dir}", "--block_size=8", "--limit_tokens=100", "--device=cpu"],
                                        evaluate.EvalConfig))
     assert _reported(capsys.readouterr().out) == (pytest.approx(expected, abs=1e-4), 100)
+
+
+def test_split_loss_equals_the_full_logits_path(char_run):
+    """The chunked head (return_logits=False) sums the same token losses as full logits, ignored targets and an
+    all-padding batch (a NaN mean) included."""
+    model = char_run[2]
+    V = model.config.vocab_size
+    torch.manual_seed(0)
+    batches = [(torch.randint(0, V, (3, 16)), torch.randint(0, V, (3, 16))) for _ in range(2)]
+    batches[0][1][1, 5:] = -1
+    batches[1][1][:] = -1
+
+    class Windows(list):
+        device = torch.device("cpu")
+
+    total, n = evaluate.split_loss(model, Windows(batches), contextlib.nullcontext(), world_size=1)
+    with torch.no_grad():
+        expected = sum(torch.nn.functional.cross_entropy(model(x, y)[0].flatten(0, 1), y.flatten(), ignore_index=-1,
+                                                         reduction="sum").item() for x, y in batches)
+    assert n == 2 * 16 + 5 and total == pytest.approx(expected, rel=1e-6)
 
 
 def test_two_ranks_under_torchrun_give_the_same_loss(char_run):

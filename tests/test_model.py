@@ -6,6 +6,7 @@ import torch
 from torch.nn import functional as F
 
 import model as model_module
+from forge.checkpoint import build_model
 from forge.flops import PEAK_FLOPS, device_peak_flops, peak_flops_for_gpu_name
 from model import (
     GPT,
@@ -13,7 +14,6 @@ from model import (
     CausalSelfAttention,
     GPTConfig,
     ModelError,
-    build_model,
     sample_next_token,
 )
 from tests.util import assert_clean_error, run_py

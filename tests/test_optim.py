@@ -16,11 +16,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from forge.errors import UserError
 from forge.metrics import read_metrics
 from forge.optim import (
     NS_COEFFICIENTS,
     Muon,
-    OptimizerError,
     build_optimizer,
     muon_param_groups,
     zeropower_via_newtonschulz,
@@ -144,7 +144,8 @@ def test_adamw_groups_match_torch_adamw():
     model = tiny_gpt()
     reference = copy.deepcopy(model)
     ours = Muon([dict(params=list(model.parameters()), lr=1e-2, weight_decay=0.1, use_muon=False)])
-    theirs = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    theirs = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                               fused=True)  # the kernel configure_optimizers uses on a CPU or GPU
     for step in range(3):
         for m, opt in ((model, ours), (reference, theirs)):
             m(*batch(step))[1].backward()
@@ -152,15 +153,16 @@ def test_adamw_groups_match_torch_adamw():
             opt.zero_grad(set_to_none=True)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    assert ours._adamw_groups().defaults["fused"]  # one kernel launch for all AdamW parameters
 
 
 def test_bad_settings_raise_clear_errors():
     model = tiny_gpt()
-    with pytest.raises(OptimizerError, match="optimizer='lion' is unknown: use one of adamw, muon"):
+    with pytest.raises(UserError, match="optimizer='lion' is unknown: use one of adamw, muon"):
         build_optimizer(model, "lion", **MUON_ARGS)
-    with pytest.raises(OptimizerError, match="muon_momentum=1.5"):
+    with pytest.raises(UserError, match="muon_momentum=1.5"):
         build_optimizer(model, "muon", **MUON_ARGS, muon_momentum=1.5)
-    with pytest.raises(OptimizerError, match="no 2-D hidden weights.*use optimizer=adamw"):
+    with pytest.raises(UserError, match="no 2-D hidden weights.*use optimizer=adamw"):
         build_optimizer(nn.Sequential(nn.Linear(4, 4)), "muon", **MUON_ARGS)
 
 

@@ -7,9 +7,9 @@ import torch
 
 import sample
 from forge.errors import UserError
-from forge.checkpoint import save_checkpoint
+from forge.checkpoint import build_model, save_checkpoint
 from forge.tokenize import char_meta, get_tokenizer, gpt2_meta
-from model import BigramLanguageModel, build_model
+from model import BigramLanguageModel
 from tests.util import assert_clean_error, run_py, snapshot
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
@@ -101,9 +101,9 @@ def test_incremental_decoding_never_splits_a_character(gpt2_encoding):
 def test_prompts():
     chars = get_tokenizer(char_meta(sorted(set("ab\n"))))
     assert sample.encode_prompt("", chars, 16) == ([chars.encode("\n")[0]], "\n")  # char: start from a newline
-    with pytest.raises(sample.PromptError, match="no newline"):
+    with pytest.raises(UserError, match="no newline"):
         sample.encode_prompt("", get_tokenizer(char_meta(["a", "b"])), 16)
-    with pytest.raises(sample.PromptError, match="'z'"):
+    with pytest.raises(UserError, match="'z'"):
         sample.encode_prompt("abz", chars, 16)
 
 

@@ -1,5 +1,4 @@
 """train.py end to end on tiny CPU runs: learning, a golden loss trace, exact resume, SIGTERM, divergence, bad input."""
-import math
 import os
 import re
 import signal
@@ -12,9 +11,10 @@ import torch
 
 import train
 from configurator import TrainConfig
-from forge.checkpoint import CheckpointError, load_checkpoint
-from forge.metrics import NonFiniteLossError, read_metrics
-from forge.precision import PrecisionError, resolve_dtype
+from forge.checkpoint import CheckpointError, load_checkpoint, model_args_of
+from forge.errors import UserError
+from forge.metrics import read_metrics
+from forge.precision import resolve_dtype
 from tests.util import ABSENT_GPU, REPO, assert_clean_error, run_py, snapshot
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, gradient_accumulation_steps=2, bias=True,
@@ -120,7 +120,7 @@ def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, tiny_char_
     # an absurd learning rate diverges; no log line before the save, so the check before saving must catch it
     cfg = tiny_config(out, tiny_char_data, init_from="resume", max_iters=12, learning_rate=1e30, decay_lr=False,
                       grad_clip=0.0, log_interval=1000, eval_interval=4)
-    with pytest.raises(NonFiniteLossError, match=r"at iter \d+") as excinfo:
+    with pytest.raises(UserError, match=r"at iter \d+") as excinfo:
         train.main(cfg)
     step = int(str(excinfo.value).split("at iter ")[1].split(";")[0])
     assert 4 <= step < 8
@@ -197,6 +197,31 @@ def test_finetune_from_a_local_hf_gpt2_directory(tmp_path, tiny_char_data, monke
         train.main(tiny_config(tmp_path / "opt", tiny_char_data, init_from=str(tmp_path / "hf"), rotary=True))
 
 
+def test_finetune_refuses_only_options_that_differ_from_the_weights(tmp_path, tiny_char_data):
+    """An option equal to what the GPT-2 folder has fine-tunes, and so does one left at its default (the weights
+    decide); one set to another value, or one GPT-2 has no way to express, is one error naming it (the latter
+    before any weights are read)."""
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    shape = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=96)
+    GPT(GPTConfig(**shape, mlp="gelu_exact", untied_head=True)).save_pretrained(tmp_path / "exact")
+    GPT(GPTConfig(**shape)).save_pretrained(tmp_path / "plain")
+    exact, plain = str(tmp_path / "exact"), str(tmp_path / "plain")
+    for out, options in (("same", dict(mlp="gelu_exact", untied_head=True)), ("default", {})):
+        train.main(tiny_config(tmp_path / out, tiny_char_data, init_from=exact, max_iters=1, **options))
+        model_args = model_args_of(load_checkpoint(tmp_path / out))
+        assert model_args["mlp"] == "gelu_exact" and model_args["untied_head"] is True
+    with pytest.raises(train.ConfigError, match=r"mlp='gelu_exact', untied_head=True cannot apply to .*pretrained "
+                                                r"architecture \(its weights have mlp='gelu', untied_head=False\)"):
+        train.main(tiny_config(tmp_path / "other", tiny_char_data, init_from=plain, mlp="gelu_exact",
+                               untied_head=True))
+    (tmp_path / "plain" / "model.safetensors").unlink()  # GPT-2 cannot express these: refused without reading weights
+    with pytest.raises(train.ConfigError, match=r"mlp='swiglu', logit_softcap=30.0 cannot apply to .*"
+                                                r"GPT-2 has no such option"):
+        train.main(tiny_config(tmp_path / "swiglu", tiny_char_data, init_from=plain, mlp="swiglu", logit_softcap=30.0))
+    assert not (tmp_path / "other").exists() and not (tmp_path / "swiglu").exists()
+
 def test_bigram_baseline_trains_and_resumes(tmp_path, tiny_char_data):
     out = tmp_path / "out"
     train.main(tiny_config(out, tiny_char_data, model_type="bigram", max_iters=4, learning_rate=0.1))
@@ -215,12 +240,12 @@ def test_gradient_accumulation_must_split_across_ranks():
 def test_dtype_resolution(monkeypatch):
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
-    with pytest.raises(PrecisionError, match="float16 needs a GPU"):
+    with pytest.raises(UserError, match="float16 needs a GPU"):
         resolve_dtype("float16", "cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
     assert resolve_dtype("auto", "cuda") == torch.float16
-    with pytest.raises(PrecisionError, match="dtype=bfloat16 but Tesla V100 has no bfloat16"):
+    with pytest.raises(UserError, match="dtype=bfloat16 but Tesla V100 has no bfloat16"):
         resolve_dtype("bfloat16", "cuda")
 
 

@@ -2,7 +2,7 @@
 wandb is imported only when wandb_log is on, and then its absence is one `error:` line."""
 import pytest
 
-from tests.util import REPO, assert_clean_error, run_py
+from tests.util import assert_clean_error, run_py
 
 # Runs each entry point as `python script.py ARGS` would, with `import wandb` failing as if not installed.
 WITHOUT_WANDB = """

@@ -26,7 +26,6 @@ i.e. the response and its end-of-text) and `<split>.starts.bin` (little-endian i
 example starts). meta.json says "loss_mask": true. The last --val_fraction of the examples is val.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 from tqdm import tqdm  # noqa: E402
 
 from forge.errors import ArgumentParser, run_main  # noqa: E402
+from forge.io import fsync_file  # noqa: E402
 import numpy as np  # noqa: E402
 
 from forge.tokenize import (BPE_FILE, DTYPES, STARTS_DTYPE, DataError, PreparedFolder, char_meta,  # noqa: E402
@@ -146,8 +146,7 @@ def write_examples(pairs, folder: PreparedFolder, meta: dict, val_fraction: floa
                 tokens_file.write(ids.astype(dtype).tobytes())
                 mask_file.write(mask.tobytes())
         for f in (tokens_file, mask_file):
-            f.flush()
-            os.fsync(f.fileno())
+            fsync_file(f)
     num_val = int(len(starts) * val_fraction)
     num_train = len(starts) - num_val
     if num_train == 0 or num_val == 0:
@@ -160,8 +159,7 @@ def write_examples(pairs, folder: PreparedFolder, meta: dict, val_fraction: floa
     for split, split_starts in (("train", starts[:num_train]), ("val", starts[num_train:] - cut)):
         with open(folder.temp(f"{split}.starts.bin"), "wb") as f:
             f.write(split_starts.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+            fsync_file(f)
     folder.commit({**meta, "loss_mask": True})
     return {"train": num_train, "val": num_val}
 
