@@ -18,7 +18,7 @@ from forge import distributed as D
 from forge.hellaswag import ending_losses
 from forge.metrics import read_metrics
 from model import GPT, GPTConfig
-from tests.util import run_py
+from tests.util import end_spawned_worker, run_py
 
 TINY = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 MODERN = dict(rotary=True, rmsnorm=True, qk_norm=True, mlp="relu2", logit_softcap=15.0, untied_head=True,
@@ -116,6 +116,7 @@ def two_rank_worker(rank, store, out):
         results[parallelism] = (compiled_steps(module, model, counter), counter.compiled - 1)  # less the probe
     D.destroy()
     torch.save(results, f"{out}.{rank}")
+    end_spawned_worker()
 
 
 def test_ddp_and_fsdp_steps_are_compiled_graphs(tmp_path):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from forge import distributed as D
 from forge.errors import UserError
+from tests.util import end_spawned_worker
 
 VOCAB, WIDTH, N_BLOCKS, SEQ = 32, 16, 2, 6
 GRAD_ACCUM, MICRO_BATCH, STEPS = 4, 2, 4
@@ -112,6 +113,7 @@ def two_rank_worker(rank, store, out):
     D.barrier()
     D.destroy()
     torch.save(results, f"{out}.{rank}")
+    end_spawned_worker()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from forge.optim import (
     zeropower_via_newtonschulz,
 )
 from model import GPT, GPTConfig
-from tests.util import REPO, run_py
+from tests.util import REPO, end_spawned_worker, run_py
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -274,6 +274,7 @@ def _distributed_worker(rank, world_size, store_path, parallelism):
                 torch.testing.assert_close(restored_params[name], p, atol=0, rtol=0, msg=name)
     finally:
         dist.destroy_process_group()
+    end_spawned_worker()
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
