@@ -20,6 +20,7 @@ loads into 2 DDP ranks, into one process and into sample.py.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
@@ -476,10 +477,22 @@ def barrier() -> None:
             tdist.barrier(group=_cpu_group)
 
 
+_left_groups: list = []  # the groups destroy() left, released at exit (see destroy())
+atexit.register(_left_groups.clear)
+
+
 def destroy() -> None:
-    """Leave the process group (safe to call twice, or on one process)."""
+    """Leave the process group (safe to call twice, or on one process).
+
+    The group itself is kept until this process exits. A DDP module still alive holds it in its C++
+    reducer, whose release keeps the GIL: had the reducer the last reference, the group's destructor
+    would join gloo's threads with the GIL held, while one of them may still need the GIL to free the
+    tensor of the last collective: a deadlock at exit (torch issue 56297; seen after Ctrl-C on 2 CPU
+    processes). Released from Python, a group lets the GIL go while it is destroyed.
+    """
     global _cpu_group
     if _is_initialized():
+        _left_groups.append(tdist.group.WORLD)
         tdist.destroy_process_group()
     _cpu_group = None
 

@@ -5,6 +5,8 @@ keeps these tests independent of model.py and fast; tests/test_distributed_train
 train.py under torchrun.
 """
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 
 from forge import distributed as D
 from forge.errors import UserError
-from tests.util import end_spawned_worker
+from tests.util import REPO, end_spawned_worker
 
 VOCAB, WIDTH, N_BLOCKS, SEQ = 32, 16, 2, 6
 GRAD_ACCUM, MICRO_BATCH, STEPS = 4, 2, 4
@@ -421,3 +423,31 @@ def test_launcher_reports_a_failed_rendezvous_in_one_line(monkeypatch, capsys):
     assert launch.main(["--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29500", "train.py"]) == 1
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "node0:29500" in err and "--nnodes=2" in err and "details" not in err
+
+
+def leave_with_a_collective_in_flight(rank: int, store: str) -> None:
+    """Rank 0 leaves the job as train.py does (destroy(), then its DDP module goes) while a collective it
+    started still runs: rank 1 joins that collective only seconds later."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    dist = D.init_distributed("cpu", timeout_s=60, init_method=f"file://{store}")
+    module = D.parallelize(nn.Linear(2, 2), dist, parallelism="ddp")
+    if rank == 1:
+        time.sleep(5)  # rank 0 tears down meanwhile
+        D.any_rank(False)
+    else:
+        # its tensor and work are dropped here: the gloo thread that runs it frees the tensor when it ends
+        torch.distributed.all_reduce(torch.zeros(1, dtype=torch.int32), async_op=True)
+    D.destroy()
+    del module  # DDP's reducer held the group: its release must not wait on that thread with the GIL held
+
+
+def test_leaving_with_a_collective_in_flight_does_not_deadlock(tmp_path):
+    ranks = [subprocess.Popen([sys.executable, "-c", "import sys; from tests.test_distributed import "
+                               "leave_with_a_collective_in_flight as leave; leave(int(sys.argv[1]), sys.argv[2])",
+                               str(rank), str(tmp_path / "store")], cwd=REPO) for rank in range(2)]
+    try:
+        codes = [rank.wait(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert codes == [0, 0]
