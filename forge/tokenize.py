@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from forge.errors import UserError
-from forge.io import FolderLock, download, fsync_dir, fsync_file, os_reason
+from forge.io import FolderLock, download, first_line, fsync_dir, fsync_file, os_reason
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256
@@ -143,8 +143,8 @@ class BPETokenizer:
         try:
             self.tokenizer = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:
-            raise DataError(f"{path} is not a tokenizers tokenizer.json ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}); re-run the dataset's prepare.py") from None
+            raise DataError(f"{path} is not a tokenizers tokenizer.json ({type(exc).__name__}: {first_line(exc)}); "
+                            "re-run the dataset's prepare.py") from None
         self.tokenizer.encode_special_tokens = True
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.eot_token = self.tokenizer.token_to_id(BPE_EOT)

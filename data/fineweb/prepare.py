@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a plain checkout
 
 from forge.errors import ArgumentParser, run_main  # noqa: E402
+from forge.io import first_line  # noqa: E402
 from forge.tokenize import (DataError, PreparedFolder, already_prepared, default_num_proc, gpt2_meta,  # noqa: E402
                             num_proc, tokenize_to_bin)
 
@@ -44,8 +45,9 @@ def check_subset(subset: str) -> None:
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    """The exception's class and the first line of its message (forge.io.first_line)."""
+    text = first_line(exc)
+    return text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
 
 
 def local_files(path: Path) -> tuple[str, list[str]]:
