@@ -250,7 +250,8 @@ class MLP(nn.Module):
             # the erf form (classic nanoGPT's nn.GELU(), HF's activation_function="gelu"): ~2.5x cheaper than tanh on CPUs
             h = F.gelu(h)
         elif self.kind == "relu2":
-            h = F.relu(h).square()
+            h = F.relu(h)
+            h = h * h  # the same values as h.square(), whose pow-based backward is ~4x slower on a CPU
         else:  # swiglu
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value

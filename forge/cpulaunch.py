@@ -10,8 +10,11 @@ gradients over gloo, do not. The loader's batches do not depend on the world siz
 train the same model as one (up to the order of the gradient sums' float rounding).
 
 train.py's and bench.py's entries call run_on_cpu_cores(main, cfg, ...): on a CPU, outside any
-launcher, it runs the same script again as N worker processes (torchrun's environment: RANK,
-WORLD_SIZE, MASTER_ADDR, ...) and exits with their code (bench.py's --threads: one process).
+launcher, it runs main(cfg) as N worker processes (torchrun's environment: RANK, WORLD_SIZE,
+MASTER_ADDR, ...) and exits with their code (bench.py's --threads: one process). On Linux the workers
+are forks of this process, which has already imported torch and read the config (a new interpreter
+per worker would spend ~3 s of a core on that again, before the first step); elsewhere, or if this
+process already runs other threads, each worker is the same script run again.
 How many (the `cpu_procs` key and OMP_NUM_THREADS):
 - cpu_procs='auto' (the default): the most processes, up to the physical cores this process may use,
   that divide gradient_accumulation_steps (the micro-steps are split across processes) and that
@@ -41,9 +44,10 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from forge.errors import UserError
+from forge.errors import UserError, run_main
 from forge.launch import HUNG_PEER, LOST_PEER, USER_ERROR
 from forge.metrics import PROCESS_START, RUN_START_ENV
 
@@ -138,16 +142,16 @@ def plan_processes(cfg, cores: int, environ=os.environ, memory: int | None = Non
 
 def run_on_cpu_cores(main, cfg, script: str, argv: list) -> None:
     """An entry point's body: main(cfg) in this process, or in the processes train_on_cpu_cores() starts."""
-    code = train_on_cpu_cores(cfg, script, argv)
+    code = train_on_cpu_cores(cfg, script, argv, main)
     if code is None:
         main(cfg)
     elif code:
         sys.exit(code)
 
 
-def train_on_cpu_cores(cfg, script: str, argv: list) -> int | None:
-    """Called by an entry point before it trains: on a CPU, outside any launcher, run `script argv` as the
-    processes plan_processes() chooses and return their exit code; None: this process trains itself."""
+def train_on_cpu_cores(cfg, script: str, argv: list, main=None) -> int | None:
+    """Called by an entry point before it trains: on a CPU, outside any launcher, run main(cfg) (or `script argv`)
+    as the processes plan_processes() chooses and return their exit code; None: this process trains itself."""
     if os.environ.get(LAUNCHER_ENV):
         die_with_launcher(int(os.environ[LAUNCHER_ENV]))
     if any(os.environ.get(name) for name in TORCHRUN_ENV) or cfg.eval_only:
@@ -161,14 +165,16 @@ def train_on_cpu_cores(cfg, script: str, argv: list) -> int | None:
         return None
     print(f"training on {procs} CPU processes x {threads} thread(s) (gloo); --cpu_procs=1 (or OMP_NUM_THREADS) "
           "for one process", flush=True)
-    return run_workers(script, argv, procs, threads)
+    return run_workers(script, argv, procs, threads, (lambda: main(cfg)) if main else None)
 
 
-def run_workers(script: str, argv: list, procs: int, threads: int) -> int:
-    """Run `python script argv` as ranks 0..procs-1 of one job on this machine; their exit code."""
+def run_workers(script: str, argv: list, procs: int, threads: int, work=None) -> int:
+    """Run ranks 0..procs-1 of one job on this machine; their exit code. Each rank calls work() in a fork of
+    this process where that is safe (forked_workers_safe), else runs `python script argv`."""
     env = {**os.environ, "WORLD_SIZE": str(procs), "LOCAL_WORLD_SIZE": str(procs), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": str(threads), LAUNCHER_ENV: str(os.getpid()),
            RUN_START_ENV: os.environ.get(RUN_START_ENV, repr(PROCESS_START))}
+    fork = work is not None and forked_workers_safe()
     workers = []
     received = []
 
@@ -181,8 +187,9 @@ def run_workers(script: str, argv: list, procs: int, threads: int) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for rank in range(procs):
-            workers.append(subprocess.Popen([sys.executable, script, *argv], start_new_session=True,
-                                            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            workers.append(ForkedWorker(work, rank_env, threads, previous) if fork else
+                           subprocess.Popen([sys.executable, script, *argv], start_new_session=True, env=rank_env))
         return wait_for(workers, received)
     finally:
         for worker in workers:
@@ -191,6 +198,94 @@ def run_workers(script: str, argv: list, procs: int, threads: int) -> int:
                 worker.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def forked_workers_safe() -> bool:
+    """True where the workers can be forks of this process: Linux, and no thread started since this module
+    was imported (before the entry points compute anything).
+
+    A fork skips each worker's own start (importing torch and the rest: ~3 s of CPU a process, while the
+    run waits). A thread pool started later (OpenMP's once a parallel op ran, a CUDA driver's, any Python
+    thread) would not survive the fork and could hold a lock the worker then waits on forever; then the
+    workers start as new interpreters instead. The threads already there at import are numpy's OpenBLAS
+    servers, which stop and restart around a fork themselves (pthread_atfork).
+    """
+    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        return False
+    threads = _native_threads()
+    return threads is not None and threads <= _THREADS_AT_IMPORT
+
+
+def _native_threads() -> set | None:
+    """The ids of this process's threads, native ones included (Linux); None where unknown."""
+    try:
+        return set(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
+
+
+_THREADS_AT_IMPORT = _native_threads() or set()
+
+
+class ForkedWorker:
+    """A worker forked from this process that calls work() as one rank; the subprocess.Popen methods
+    run_workers and wait_for use (poll, wait, send_signal, kill, returncode)."""
+
+    def __init__(self, work, env: dict, threads: int, handlers: dict):
+        sys.stdout.flush()  # else what is buffered here would be printed again by every fork
+        sys.stderr.flush()
+        self.returncode = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            os._exit(self._child(work, env, threads, handlers))
+
+    @staticmethod
+    def _child(work, env: dict, threads: int, handlers: dict) -> int:
+        """The worker's whole life, as `python script argv` would live it; its exit code (never returns
+        through the launcher's frames, so no cleanup of the launcher's runs twice)."""
+        code = 1
+        try:
+            os.setsid()  # its own session, as start_new_session: a terminal's Ctrl-C reaches it only through us
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            os.environ.clear()
+            os.environ.update(env)
+            die_with_launcher(int(env[LAUNCHER_ENV]))
+            import torch  # already imported here: OpenMP read OMP_NUM_THREADS when it loaded, before env was set
+
+            torch.set_num_threads(threads)
+            run_main(work)
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+        return code
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self):
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 def wait_for(workers: list, received: list) -> int:

@@ -17,6 +17,8 @@ import torch.distributed as tdist
 from forge.errors import UserError
 
 OPTIMIZERS = ("adamw", "muon")
+# torch 2.13 renamed all_gather_into_tensor (kept, with a FutureWarning on every call) to all_gather_single
+ALL_GATHER_SINGLE = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
 # Quintic Newton-Schulz coefficients from Keller Jordan's Muon, chosen to maximise the slope at zero:
 # five steps push every singular value into roughly [0.7, 1.2] rather than exactly to 1, which trains as well.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -179,7 +181,7 @@ def split_across_ranks(batch: torch.Tensor, fn):
     padded = torch.cat([batch, batch.new_zeros(share * world - batch.size(0), *batch.shape[1:])])
     mine = fn(padded[rank * share : (rank + 1) * share]).contiguous()
     gathered = mine.new_empty(share * world, *mine.shape[1:])
-    tdist.all_gather_into_tensor(gathered, mine)
+    ALL_GATHER_SINGLE(gathered, mine)
     return gathered[: batch.size(0)]
 
 

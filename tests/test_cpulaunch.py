@@ -1,5 +1,6 @@
 """`python train.py` on a CPU as one process per physical core (forge/cpulaunch.py): the plan, the same
 weights as one process, Ctrl-C / SIGTERM save once, bad input is one line, no relaunch under torchrun."""
+import json
 import os
 import signal
 import subprocess
@@ -85,8 +86,46 @@ def test_relaunch_only_outside_launchers_and_without_a_thread_count(monkeypatch,
     started = []
     monkeypatch.setattr(cpulaunch, "run_workers", lambda *args: started.append(args) or 0)
     code = cpulaunch.train_on_cpu_cores(TrainConfig(**TINY), "train.py", ["--max_iters=1"])
-    assert started == ([("train.py", ["--max_iters=1"], 2, 1)] if launches else []) and code == (0 if launches else None)
+    assert [args[:4] for args in started] == ([("train.py", ["--max_iters=1"], 2, 1)] if launches else [])
+    assert code == (0 if launches else None)
     assert cpulaunch.train_on_cpu_cores(TrainConfig(**{**TINY, "eval_only": True}), "train.py", []) is None
+
+
+WORKER_REPORT = """
+import json, os, sys, torch
+with open(os.path.join(sys.argv[1], os.environ["RANK"]), "w") as f:
+    json.dump({k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_PORT", "OMP_NUM_THREADS")}
+              | {"threads": torch.get_num_threads(), "pid": os.getpid(), "session": os.getsid(0)}, f)
+"""
+
+
+@pytest.mark.parametrize("forked", [True, False])
+def test_workers_are_forks_of_a_single_threaded_launcher_else_new_interpreters(tmp_path, forked):
+    """Each rank gets its environment, its thread count and its own session either way; a launcher that runs
+    another thread (where a fork could inherit a held lock) starts new interpreters instead."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_REPORT)
+    launcher = f"""
+import json, os, runpy, sys, threading
+from forge import cpulaunch
+out = sys.argv[1]
+if {not forked}:
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+assert cpulaunch.forked_workers_safe() == {forked}
+code = cpulaunch.run_workers({str(script)!r}, [out], 2, 1, lambda: runpy.run_path({str(script)!r}, run_name="w"))
+print(json.dumps({{"code": code, "pid": os.getpid(), "session": os.getsid(0)}}))
+"""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", launcher, str(out)], cwd=REPO, env=python_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    parent = json.loads(proc.stdout.strip().splitlines()[-1])
+    reports = {name: json.loads((out / name).read_text()) for name in ("0", "1")}
+    assert parent["code"] == 0 and len({r["MASTER_PORT"] for r in reports.values()}) == 1
+    for rank, report in reports.items():
+        assert report["RANK"] == rank and report["WORLD_SIZE"] == "2" and report["OMP_NUM_THREADS"] == "1"
+        assert report["threads"] == 1 and report["pid"] == report["session"] != parent["session"]
 
 
 def test_two_processes_train_the_same_weights_as_one(tmp_path, tiny_char_data):

@@ -116,7 +116,7 @@ def test_qk_norm_normalises_each_heads_queries_and_keys():
 def test_mlp_kinds_compute_their_formula(kind):
     torch.manual_seed(0)
     mlp = MLP(GPTConfig(**SMALL, mlp=kind)).eval()
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 32, requires_grad=True)
     h = x @ mlp.c_fc.weight.T + mlp.c_fc.bias
     if kind == "gelu":
         h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))  # HF's gelu_new
@@ -127,7 +127,11 @@ def test_mlp_kinds_compute_their_formula(kind):
     else:
         gate, value = h.chunk(2, dim=-1)
         h = gate * torch.sigmoid(gate) * value
-    torch.testing.assert_close(mlp(x), h @ mlp.c_proj.weight.T + mlp.c_proj.bias, atol=1e-5, rtol=1e-5)
+    out, expected = mlp(x), h @ mlp.c_proj.weight.T + mlp.c_proj.bias
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(out)  # and the gradient the backward pass gives (relu2 has its own form)
+    grad, = torch.autograd.grad(out, x, upstream)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, x, upstream)[0], atol=1e-5, rtol=1e-5)
     if kind == "swiglu":  # 2/3 of 4x rounded up to 64: 85.3 -> 128 here; 768 wide -> exactly 2048
         assert mlp.c_proj.in_features == 128
         assert MLP(GPTConfig(mlp="swiglu")).c_proj.in_features == 2048
