@@ -118,3 +118,25 @@ def test_pool_workers_never_reuse_an_earlier_runs_tokenizer(tmp_path, gpt2_encod
     tokenize_to_bin(["abc"], tmp_path / "chars.bin", char_meta(list("abc")), num_proc=1)
     tokenize_to_bin(["hello world"], tmp_path / "bpe.bin", gpt2_meta(), num_proc=2)
     assert np.fromfile(tmp_path / "bpe.bin", dtype="<u2").tolist() == gpt2_encoding.encode_ordinary("hello world")
+
+
+def test_a_slow_reader_holds_one_row_group_of_a_parquet_file(tmp_path, shakespeare_text):
+    """pyarrow decodes a whole file's row groups ahead of a slow reader (the tokenizer): memory grew with the
+    size of one parquet file. Read one row group per shard, Arrow holds about one row group whatever the file."""
+    import time
+
+    rows, groups, chars = 50, 40, 10_000  # 0.5 MB of text per row group, 20 MB in the file
+    starts = [i * 997 % (len(shakespeare_text) - chars) for i in range(rows * groups)]
+    texts = [shakespeare_text[start:start + chars] for start in starts]
+    pq.write_table(pa.table({"text": texts, "id": [str(i) for i in range(len(texts))]}), tmp_path / "big.parquet",
+                   row_group_size=rows)
+    prepare = load_prepare()
+    _, stream = prepare.open_stream("fineweb", "sample-10BT", tmp_path / "big.parquet")
+    baseline, held = pa.total_allocated_bytes(), []
+    for i, text in enumerate(prepare.texts(stream, "big.parquet", local=True)):
+        assert text == texts[i]
+        if i % (10 * rows) == 1:
+            time.sleep(0.2)  # a slow reader: time for a scan to run ahead
+            held.append(pa.total_allocated_bytes() - baseline)
+    assert i == len(texts) - 1
+    assert max(held) < 4 * rows * chars, held  # 20 MB (the whole file) before
