@@ -577,10 +577,13 @@ class PreparedFolder:
 
 
 def bin_max_id(path, dtype: str) -> int:
-    """The largest token id in a bin (-1 for an empty one), read in blocks (bounded memory)."""
-    tokens = np.memmap(path, dtype=DTYPES[dtype], mode="r") if os.path.getsize(path) else np.zeros(0, np.uint16)
-    block = 1 << 24
-    return max((int(tokens[i:i + block].max()) for i in range(0, len(tokens), block)), default=-1)
+    """The largest token id in a bin (-1 for an empty one), read in blocks of 4M tokens with plain reads:
+    bounded memory (a map of the bin would count every page read in the process's RSS, ~the bin's size)."""
+    largest = -1
+    with open(path, "rb") as f:
+        while (block := np.fromfile(f, dtype=DTYPES[dtype], count=1 << 22)).size:
+            largest = max(largest, int(block.max()))
+    return largest
 
 
 # ----------------------------------------------------------------------------- prepare scripts' command line

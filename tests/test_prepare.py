@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from forge.data import DataError, TokenBatches, load_meta
-from forge.tokenize import PreparedFolder, char_meta, gpt2_meta, tokenize_to_bin
+from forge.tokenize import DTYPES, PreparedFolder, bin_max_id, char_meta, gpt2_meta, tokenize_to_bin
 from tests.util import SHARED, assert_clean_error, run_py, snapshot
 
 HAVE_SHAKESPEARE = (SHARED / "data" / "tinyshakespeare" / "input.txt").is_file()
@@ -187,3 +187,17 @@ def test_openwebtext_from_a_local_dataset(tmp_path, gpt2_encoding):
     assert load_meta(out) == recorded(gpt2_meta(), out)
     again = run_py("data/openwebtext/prepare.py", "--dataset", source, "--out_dir", out, env=env, check=True)
     assert "already prepared" in again.stdout
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_bin_max_id_reads_every_block(tmp_path, dtype):
+    """The largest id wherever it sits: the first block, or a partial last one (blocks of 4M tokens)."""
+    tokens = np.zeros((1 << 22) + 3, dtype=DTYPES[dtype])
+    path = tmp_path / "train.bin"
+    for where, largest in ((0, 9), (-1, 60_000)):
+        tokens[:] = 7
+        tokens[where] = largest
+        tokens.tofile(path)
+        assert bin_max_id(path, dtype) == largest
+    path.write_bytes(b"")
+    assert bin_max_id(path, dtype) == -1
