@@ -33,6 +33,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from forge.errors import UserError, is_rank_zero, register_error_translator
@@ -493,18 +500,8 @@ def destroy() -> None:
 # ----------------------------------------------------------------------------------------------
 # Checkpoint state: full, unsharded, CPU, keyed by parameter name; the same for every setup.
 
-
-
-def _state_dict_api():
-    """torch.distributed.checkpoint.state_dict, imported on first use: it brings in the DTensor stack, about
-    1.4 s of every process's start-up that a run pays only when it first saves or resumes."""
-    from torch.distributed.checkpoint import state_dict
-
-    return state_dict
-
-
-def _options(save: bool):
-    return _state_dict_api().StateDictOptions(full_state_dict=True, cpu_offload=save)
+_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_LOAD = StateDictOptions(full_state_dict=True)
 
 
 def full_model_state_dict(model: nn.Module) -> dict:
@@ -513,7 +510,7 @@ def full_model_state_dict(model: nn.Module) -> dict:
     In a process group, rank 0 receives the tensors and the other ranks an empty dict (only rank 0 saves).
     """
     with _collective_errors("gathering the model state"):
-        return _state_dict_api().get_model_state_dict(unwrap(model), options=_options(save=True))
+        return get_model_state_dict(unwrap(model), options=_SAVE)
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -522,13 +519,13 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     {'state': {name: {...}}, 'param_groups': [{..., 'params': [names]}]}; rank 0 only in a group.
     """
     with _collective_errors("gathering the optimizer state"):
-        return _state_dict_api().get_optimizer_state_dict(unwrap(model), optimizer, options=_options(save=True))
+        return get_optimizer_state_dict(unwrap(model), optimizer, options=_SAVE)
 
 
 def load_full_model_state_dict(model: nn.Module, state_dict: dict) -> None:
     """Load a full state dict (every rank passes the whole dict; FSDP keeps only its shards)."""
     with _collective_errors("loading the model state"):
-        _state_dict_api().set_model_state_dict(unwrap(model), state_dict, options=_options(save=False))
+        set_model_state_dict(unwrap(model), state_dict, options=_LOAD)
 
 
 def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
@@ -541,7 +538,7 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
     # torch initialises an empty optimizer's state with a zero-lr step, which it skips if gradients exist.
     optimizer.zero_grad(set_to_none=True)
     with _collective_errors("loading the optimizer state"):
-        _state_dict_api().set_optimizer_state_dict(model, optimizer, state_dict, options=_options(save=False))
+        set_optimizer_state_dict(model, optimizer, state_dict, options=_LOAD)
 
 
 def _name_keyed_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:

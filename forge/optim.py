@@ -9,10 +9,9 @@ quintic Newton-Schulz iteration. It suits only the hidden matrices (attention an
 blocks); embeddings, the lm_head and every 1-D gain or bias keep AdamW, in the same optimizer object, so
 train.py and the checkpoint code see one optimizer whatever the choice.
 """
-import sys
-
 import torch
 import torch.distributed as tdist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from forge.errors import UserError
 
@@ -143,7 +142,7 @@ def orthogonalized_updates(updates: list, ns_steps: int, ns_split: int = 1) -> l
     A DTensor (FSDP2 shard) is gathered whole first (orthogonalisation is not elementwise) and this rank's
     shard of its result returned with the same placements (uneven shards included).
     """
-    full = [u.full_tensor() if is_dtensor(u) else u for u in updates]
+    full = [u.full_tensor() if isinstance(u, DTensor) else u for u in updates]
     by_shape = {}
     for i, matrix in enumerate(full):
         by_shape.setdefault(tuple(matrix.shape), []).append(i)
@@ -154,18 +153,10 @@ def orthogonalized_updates(updates: list, ns_steps: int, ns_split: int = 1) -> l
         ortho = ortho * max(1.0, blocks.size(-2) / blocks.size(-1)) ** 0.5
         for i, result in zip(indices, ortho.reshape(len(indices), rows, cols)):
             update, result = updates[i], result.to(updates[i].dtype)
-            if is_dtensor(update):
-                from torch.distributed.tensor import distribute_tensor
-
+            if isinstance(update, DTensor):
                 result = distribute_tensor(result, update.device_mesh, update.placements, src_data_rank=None)
             results[i] = result
     return results
-
-
-def is_dtensor(t: torch.Tensor) -> bool:
-    """isinstance(t, DTensor) without importing the DTensor stack (~1.2 s): none exists before it is imported."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
 
 
 def split_across_ranks(batch: torch.Tensor, fn):
