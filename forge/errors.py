@@ -71,9 +71,10 @@ def record_for_launcher(message: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
+    from forge.io import atomic_write  # forge.io imports this module
+
     record = {"message": message, "timestamp": int(time.time())}
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(record, f)
+    try:  # whole or absent: the agent reads it as soon as we exit, and a SIGTERM from it may end us mid-write
+        atomic_write(path, lambda f: f.write(json.dumps(record).encode("utf-8")))
     except OSError:  # the report is a courtesy: never let it hide the error's exit code
         pass
