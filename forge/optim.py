@@ -131,28 +131,36 @@ def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, dtype=None) -> t
     return X if wide else X.mT
 
 
-def orthogonalized_updates(updates: list, ns_steps: int, ns_split: int = 1) -> list:
+def orthogonalized_updates(updates: list, ns_steps, ns_split=1) -> list:
     """The Muon update of each (rows, cols) momentum in `updates`: Newton-Schulz orthogonalised, scaled by
     sqrt(max(1, rows / cols)) so tall matrices get the same per-element size as square ones (Keller
-    Jordan's scaling), in the update's dtype. ns_split=k orthogonalises k stacked row blocks separately.
+    Jordan's scaling), in the update's dtype. ns_split=k orthogonalises k stacked row blocks separately;
+    ns_steps and ns_split are one value for all updates or one per update.
 
-    Matrices of one shape are orthogonalised as one batch (a kernel per Newton-Schulz matmul, not one per
-    matrix). In a process group each rank orthogonalises its share of every batch and an all-gather hands
-    all of them to every rank (modded-nanogpt's split of the work), so the result is one process's.
-    A DTensor (FSDP2 shard) is gathered whole first (orthogonalisation is not elementwise) and this rank's
-    shard of its result returned with the same placements (uneven shards included).
+    Blocks of one shape (a tall block counts as its transpose, which Newton-Schulz iterates on anyway) and
+    one step count are orthogonalised as one batch, whichever matrix or parameter group they come from: a
+    kernel per Newton-Schulz matmul, not one per matrix. In a process group each rank orthogonalises its
+    share of every batch and an all-gather hands all of them to every rank (modded-nanogpt's split of the
+    work), so the result is one process's; one batch per shape keeps the all-gathers few (2 per step for
+    the GPT blocks, not 4). A DTensor (FSDP2 shard) is gathered whole first (orthogonalisation is not
+    elementwise) and this rank's shard of its result returned with the same placements (uneven shards
+    included).
     """
+    steps = list(ns_steps) if isinstance(ns_steps, (list, tuple)) else [ns_steps] * len(updates)
+    splits = list(ns_split) if isinstance(ns_split, (list, tuple)) else [ns_split] * len(updates)
     full = [u.full_tensor() if isinstance(u, DTensor) else u for u in updates]
+    blocks = [matrix.reshape(k, matrix.size(0) // k, matrix.size(1)) for matrix, k in zip(full, splits)]
     by_shape = {}
-    for i, matrix in enumerate(full):
-        by_shape.setdefault(tuple(matrix.shape), []).append(i)
+    for i, block in enumerate(blocks):
+        by_shape.setdefault((steps[i], min(block.shape[1:]), max(block.shape[1:])), []).append(i)
     results = [None] * len(updates)
-    for (rows, cols), indices in by_shape.items():
-        blocks = torch.stack([full[i] for i in indices]).reshape(len(indices) * ns_split, rows // ns_split, cols)
-        ortho = split_across_ranks(blocks, lambda batch: zeropower_via_newtonschulz(batch, ns_steps))
-        ortho = ortho * max(1.0, blocks.size(-2) / blocks.size(-1)) ** 0.5
-        for i, result in zip(indices, ortho.reshape(len(indices), rows, cols)):
-            update, result = updates[i], result.to(updates[i].dtype)
+    for (ns, _, _), indices in by_shape.items():
+        wide = torch.cat([blocks[i] if blocks[i].size(1) <= blocks[i].size(2) else blocks[i].mT for i in indices])
+        ortho = split_across_ranks(wide, lambda batch: zeropower_via_newtonschulz(batch, ns))
+        for i, result in zip(indices, ortho.split([splits[i] for i in indices])):
+            rows, cols = blocks[i].shape[1:]
+            result = (result if rows <= cols else result.mT) * max(1.0, rows / cols) ** 0.5
+            update, result = updates[i], result.reshape(full[i].shape).to(updates[i].dtype)
             if isinstance(update, DTensor):
                 result = distribute_tensor(result, update.device_mesh, update.placements, src_data_rank=None)
             results[i] = result
@@ -199,29 +207,29 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon_step(group)
+        self._muon_step([group for group in self.param_groups if group["use_muon"]])
         if not all(group["use_muon"] for group in self.param_groups):
             self._adamw_groups().step()
         return loss
 
-    def _muon_step(self, group):
-        lr, beta = group["lr"], group["momentum"]
+    def _muon_step(self, groups):
+        """Every Muon group's step, with one Newton-Schulz batch per shape across the groups."""
         params, nesterov = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - beta)
-            params.append(p)
-            nesterov.append(p.grad.lerp(buf, beta))  # g + beta * (buf - g): looks one momentum step ahead
-        for p, update in zip(params, orthogonalized_updates(nesterov, group["ns_steps"], group["ns_split"])):
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(update, alpha=-lr)
+        for group in groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                params.append((p, group))
+                nesterov.append(p.grad.lerp(buf, group["momentum"]))  # g + beta * (buf - g): one momentum step ahead
+        updates = orthogonalized_updates(nesterov, [g["ns_steps"] for _, g in params], [g["ns_split"] for _, g in params])
+        for (p, group), update in zip(params, updates):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(update, alpha=-group["lr"])
 
     def _adamw_groups(self) -> torch.optim.AdamW:
         """torch.optim.AdamW over this optimizer's AdamW groups: the very same group dicts (it adds its own
