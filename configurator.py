@@ -68,6 +68,8 @@ class TrainConfig:
     log_interval: int = 10  # print and record a training line every this many iterations (each line is a host sync)
     eval_iters: int = 200  # batches per split for each evaluation
     eval_only: bool = False  # evaluate once at the start, then exit
+    eval_at_start: bool = True  # evaluate before the first step, as nanoGPT does (False: first at eval_interval)
+    eval_train: bool = True  # evaluations measure the train split too (False: val only, in half the time)
     always_save_checkpoint: bool = True  # save at every evaluation, not only when val loss improves
     init_from: str = "scratch"  # 'scratch', 'resume', 'auto' (resume if out_dir has a checkpoint), 'gpt2*', a local HF dir, or another run's out_dir (its ckpt.pt weights)
     keep_last: int = 0  # also keep the last N checkpoints as ckpt-<iter>.pt (0: only ckpt.pt)

@@ -78,7 +78,7 @@ def main(cfg: TrainConfig) -> None:
                                      world_size=dist.world_size, seed=cfg.seed, device=dist.device)
         eval_batches = {split: TokenBatches(data_dir, split, cfg.batch_size, cfg.block_size,
                                             seed=cfg.seed + EVAL_SEED_OFFSET, device=dist.device)
-                        for split in ("train", "val")}
+                        for split in (("train", "val") if cfg.eval_train else ("val",))}
         loaders = [train_batches, *eval_batches.values()]
         if train_batches.examples is not None:
             log.info(f"{data_dir} train split: {train_batches.examples.describe()}")
@@ -135,11 +135,12 @@ def main(cfg: TrainConfig) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
 
-            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
+            scheduled = iter_num % cfg.eval_interval == 0 and (iter_num > start_iter or cfg.eval_at_start)
+            if scheduled or iter_num == cfg.max_iters or cfg.eval_only:
                 losses = evaluate(module, eval_batches, cfg.eval_iters, ctx, dist.rank, dist.world_size)
                 scores = hellaswag.scores(model, dist.device, dist.rank, dist.world_size, ctx) \
                     if hellaswag and (iter_num % cfg.eval_hellaswag_interval == 0 or cfg.eval_only) else {}
-                log.log_eval(iter_num, losses["train"], losses["val"], lr, scores)
+                log.log_eval(iter_num, losses.get("train"), losses["val"], lr, scores)
                 if cfg.eval_only:
                     break
                 if iter_num > start_iter and (losses["val"] < best_val_loss or cfg.always_save_checkpoint):

@@ -148,15 +148,17 @@ class MetricsLog:
                       "ms": ms, "tokens_per_sec": tokens_per_sec, "mfu": _json_number(mfu),
                       "time_s": time.time() - PROCESS_START})
 
-    def log_eval(self, iter_num: int, train_loss: float, val_loss: float, lr: float, extra: dict | None = None) -> None:
-        """An evaluation line; `extra` adds named scores to it and to the record (e.g. hellaswag_acc_norm)."""
+    def log_eval(self, iter_num: int, train_loss: float | None, val_loss: float, lr: float,
+                 extra: dict | None = None) -> None:
+        """An evaluation line; `extra` adds named scores to it and to the record (e.g. hellaswag_acc_norm).
+        train_loss None (eval_train=False): the train split was not evaluated, and neither says it."""
         if not self.enabled:
             return
-        extra = extra or {}
-        self.info(f"step {iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
-                  + "".join(f", {name} {value:.4f}" for name, value in extra.items()))
-        self._record({"iter": iter_num, "train_loss": _json_number(train_loss), "val_loss": _json_number(val_loss),
-                      **{name: _json_number(value) for name, value in extra.items()},
+        losses = {"train_loss": train_loss} if train_loss is not None else {}
+        scores = {**losses, "val_loss": val_loss, **(extra or {})}
+        self.info(f"step {iter_num}: " + ", ".join(f"{name.replace('_loss', ' loss')} {value:.4f}"
+                                                   for name, value in scores.items()))
+        self._record({"iter": iter_num, **{name: _json_number(value) for name, value in scores.items()},
                       "lr": lr, "time_s": time.time() - PROCESS_START})
 
     # --- Weights & Biases

@@ -160,6 +160,32 @@ def test_eval_only_evaluates_and_writes_nothing(tmp_path, tiny_char_data, capsys
     assert snapshot(out) == before
 
 
+def test_evaluations_can_skip_the_start_and_the_train_split(tmp_path, tiny_char_data, capsys):
+    """A speedrun's clock runs through its evaluations: eval_at_start=False and eval_train=False leave the
+    ones at eval_interval and the end, of val only, with the val losses of a run evaluating everything;
+    a resume does not evaluate at its first step either."""
+    full, lean = tmp_path / "full", tmp_path / "lean"
+    common = dict(max_iters=9, lr_decay_iters=13)
+    train.main(tiny_config(full, tiny_char_data, **common))
+    capsys.readouterr()
+    train.main(tiny_config(lean, tiny_char_data, **common, eval_at_start=False, eval_train=False))
+    out = capsys.readouterr().out
+    val = {i: eval_losses(full)[i][1] for i in (4, 8, 9)}
+    assert sorted(eval_losses(full)) == [0, 4, 8, 9]
+    assert re.findall(r"^step \d+: .*$", out, re.M) == [f"step {i}: val loss {v:.4f}" for i, v in val.items()]
+    records = [r for r in read_metrics(lean / "metrics.jsonl") if "val_loss" in r]
+    assert [(r["iter"], r["val_loss"]) for r in records] == list(val.items())
+    assert not any("train_loss" in r for r in records)
+    assert step_losses(lean) == step_losses(full)  # the evaluations change nothing in training
+
+    resumed = tmp_path / "resumed"
+    train.main(tiny_config(resumed, tiny_char_data, max_iters=8, lr_decay_iters=13))  # a checkpoint at step 8
+    capsys.readouterr()
+    train.main(tiny_config(resumed, tiny_char_data, max_iters=12, lr_decay_iters=13, init_from="resume",
+                           eval_at_start=False, eval_train=False))
+    assert re.findall(r"^step (\d+):", capsys.readouterr().out, re.M) == ["12"]  # not 8, where it resumed
+
+
 def test_wandb_offline_writes_files_and_resume_keeps_the_run(tmp_path, tiny_char_data, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "out"
