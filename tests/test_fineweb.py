@@ -2,7 +2,6 @@
 import importlib.util
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -99,15 +98,25 @@ class RangeFile(fsspec.spec.AbstractBufferedFile):
             return f.read(end - start)
 
 
-def serve_hub(monkeypatch, files) -> list:
-    """The Hub subset's files as `datasets` lists them, here served by RangeFileSystem; the calls made."""
+def serve_hub(monkeypatch, tmp_path, files) -> list:
+    """The Hub subset's files served by RangeFileSystem: a dataset folder laid out like FineWeb's repository
+    (sample/10BT/*.parquet and a dataset card declaring the config) listed by the real
+    datasets.load_dataset_builder, whose paths are then handed out as ranges:// URLs; the calls made."""
     fsspec.register_implementation("ranges", RangeFileSystem, clobber=True)
     RangeFileSystem.fetched.clear()
-    calls = []
+    repo = tmp_path / "hub-repo"
+    (repo / "sample" / "10BT").mkdir(parents=True)
+    for file in files:
+        (repo / "sample" / "10BT" / file.name).symlink_to(file)
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: sample-10BT\n  data_files:\n  - split: train\n"
+                                    "    path: sample/10BT/*\n---\n")
+    calls, real_builder = [], datasets.load_dataset_builder
 
     def load_dataset_builder(path, name=None, **options):
         calls.append((path, name))
-        return SimpleNamespace(config=SimpleNamespace(data_files={"train": [f"ranges://{f}" for f in files]}))
+        builder = real_builder(str(repo), name, **options)
+        builder.config.data_files["train"] = [f"ranges://{f}" for f in builder.config.data_files["train"]]
+        return builder
 
     monkeypatch.setattr(datasets, "load_dataset_builder", load_dataset_builder)
     return calls
@@ -116,7 +125,7 @@ def serve_hub(monkeypatch, files) -> list:
 def test_the_hub_path_is_the_same_reader(tmp_path, monkeypatch, shards):
     """A Hub run reads the files `datasets` lists for the subset (remote, by ranges) with the reader --input uses."""
     prepare = load_prepare()
-    calls = serve_hub(monkeypatch, sorted((shards / "parquet").iterdir()))
+    calls = serve_hub(monkeypatch, tmp_path, sorted((shards / "parquet").iterdir()))
     common = ["--val_documents", str(VAL_DOCUMENTS), "--num_proc", "1", "--max_tokens", "3000"]
     prepare.main(["--dataset", "fineweb", "--subset", "sample-10BT", "--out_dir", str(tmp_path / "hub"), *common])
     prepare.main(["--input", str(shards / "parquet"), "--out_dir", str(tmp_path / "local"), *common])
@@ -163,7 +172,7 @@ def test_a_slow_reader_holds_one_batch_and_fetches_the_file_once(tmp_path, monke
     pq.write_table(pa.table({"text": texts, "id": [str(i) for i in range(len(texts))]}), path, row_group_size=rows)
     prepare = load_prepare()
     if where == "hub":
-        serve_hub(monkeypatch, [path])
+        serve_hub(monkeypatch, tmp_path, [path])
     _, stream = prepare.open_stream("fineweb", "sample-10BT", path if where == "local" else None)
     baseline, held = pa.total_allocated_bytes(), []
     for i, text in enumerate(prepare.texts(stream, "big.parquet", local=where == "local")):
