@@ -131,11 +131,11 @@ def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, dtype=None) -> t
     return X if wide else X.mT
 
 
-def orthogonalized_updates(updates: list, ns_steps, ns_split=1) -> list:
+def orthogonalized_updates(updates: list, ns_steps: list, ns_split: list) -> list:
     """The Muon update of each (rows, cols) momentum in `updates`: Newton-Schulz orthogonalised, scaled by
     sqrt(max(1, rows / cols)) so tall matrices get the same per-element size as square ones (Keller
-    Jordan's scaling), in the update's dtype. ns_split=k orthogonalises k stacked row blocks separately;
-    ns_steps and ns_split are one value for all updates or one per update.
+    Jordan's scaling), in the update's dtype. Per update: ns_steps Newton-Schulz steps, and ns_split=k
+    orthogonalises k stacked row blocks separately.
 
     Blocks of one shape (a tall block counts as its transpose, which Newton-Schulz iterates on anyway) and
     one step count are orthogonalised as one batch, whichever matrix or parameter group they come from: a
@@ -146,18 +146,16 @@ def orthogonalized_updates(updates: list, ns_steps, ns_split=1) -> list:
     elementwise) and this rank's shard of its result returned with the same placements (uneven shards
     included).
     """
-    steps = list(ns_steps) if isinstance(ns_steps, (list, tuple)) else [ns_steps] * len(updates)
-    splits = list(ns_split) if isinstance(ns_split, (list, tuple)) else [ns_split] * len(updates)
     full = [u.full_tensor() if isinstance(u, DTensor) else u for u in updates]
-    blocks = [matrix.reshape(k, matrix.size(0) // k, matrix.size(1)) for matrix, k in zip(full, splits)]
+    blocks = [matrix.reshape(k, matrix.size(0) // k, matrix.size(1)) for matrix, k in zip(full, ns_split)]
     by_shape = {}
     for i, block in enumerate(blocks):
-        by_shape.setdefault((steps[i], min(block.shape[1:]), max(block.shape[1:])), []).append(i)
+        by_shape.setdefault((ns_steps[i], min(block.shape[1:]), max(block.shape[1:])), []).append(i)
     results = [None] * len(updates)
     for (ns, _, _), indices in by_shape.items():
         wide = torch.cat([blocks[i] if blocks[i].size(1) <= blocks[i].size(2) else blocks[i].mT for i in indices])
         ortho = split_across_ranks(wide, lambda batch: zeropower_via_newtonschulz(batch, ns))
-        for i, result in zip(indices, ortho.split([splits[i] for i in indices])):
+        for i, result in zip(indices, ortho.split([ns_split[i] for i in indices])):
             rows, cols = blocks[i].shape[1:]
             result = (result if rows <= cols else result.mT) * max(1.0, rows / cols) ** 0.5
             update, result = updates[i], result.reshape(full[i].shape).to(updates[i].dtype)
