@@ -8,7 +8,7 @@ import pytest
 
 from forge.data import load_meta
 from forge.tokenize import gpt2_meta
-from tests.util import REPO
+from tests.util import REPO, run_py
 
 datasets = pytest.importorskip("datasets")
 pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
@@ -120,6 +120,18 @@ def serve_hub(monkeypatch, tmp_path, files) -> list:
 
     monkeypatch.setattr(datasets, "load_dataset_builder", load_dataset_builder)
     return calls
+
+
+def test_local_parquet_needs_no_datasets_import(shards):
+    """Local parquet is read by pyarrow alone: `datasets` (~2.7 s and ~70 MB to import) stays unloaded."""
+    probe = ("import importlib.util, sys; from pathlib import Path\n"
+             "spec = importlib.util.spec_from_file_location('prepare', 'data/fineweb/prepare.py')\n"
+             "prepare = importlib.util.module_from_spec(spec); spec.loader.exec_module(prepare)\n"
+             f"_, stream = prepare.open_stream('fineweb', 'sample-10BT', Path({str(shards / 'parquet')!r}))\n"
+             "print(len(list(stream)), 'datasets' in sys.modules)")
+    assert run_py("-c", probe, check=True).stdout.split() == ["60", "False"]  # every document of both shards
+    jsonl = probe.replace(str(shards / "parquet"), str(shards / "jsonl"))
+    assert run_py("-c", jsonl, check=True).stdout.split() == ["60", "True"]  # jsonl is read by `datasets`
 
 
 def test_the_hub_path_is_the_same_reader(tmp_path, monkeypatch, shards):
