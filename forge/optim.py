@@ -11,7 +11,6 @@ train.py and the checkpoint code see one optimizer whatever the choice.
 """
 import torch
 import torch.distributed as tdist
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from forge.errors import UserError
 
@@ -124,10 +123,26 @@ def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, dtype=None) -> t
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     fused_multiply_add = torch.addmm if X.dim() == 2 else torch.baddbmm  # beta * M + alpha * P @ Q, one kernel
-    for _ in range(steps):
+    if X.dtype == torch.float32 and X.size(-1) >= 2 * X.size(-2):
+        # Each step is X <- P(A) X with A = X X^T and P(A) = a I + b A + c A^2, so the next A is P A P (polynomials
+        # in A commute): iterate on the small (rows, rows) matrices and apply the product of the P's to X once.
+        # For a 1:4 matrix that is ~45% fewer FLOPs. It squares X's condition number, which float32 holds for
+        # these few steps (within 1e-4 of the exact result over six decades of singular values, the direct
+        # form 2e-6) and bfloat16 does not, so the CUDA path keeps the direct form.
         A = X @ X.mT
-        B = fused_multiply_add(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = fused_multiply_add(X, B, X, beta=a)  # a X + b (X X^T) X + c (X X^T)^2 X: odd quintic in the singular values
+        product = None
+        for step in range(steps):
+            P = fused_multiply_add(A, A, A, beta=b, alpha=c)  # b A + c A^2
+            P.diagonal(dim1=-2, dim2=-1).add_(a)
+            product = P if product is None else P @ product
+            if step < steps - 1:
+                A = P @ A @ P
+        X = product @ X
+    else:
+        for _ in range(steps):
+            A = X @ X.mT
+            B = fused_multiply_add(A, A, A, beta=b, alpha=c)  # b A + c A^2
+            X = fused_multiply_add(X, B, X, beta=a)  # a X + b A X + c A^2 X: odd quintic in the singular values
     return X if wide else X.mT
 
 
@@ -146,20 +161,33 @@ def orthogonalized_updates(updates: list, ns_steps: list, ns_split: list) -> lis
     elementwise) and this rank's shard of its result returned with the same placements (uneven shards
     included).
     """
-    full = [u.full_tensor() if isinstance(u, DTensor) else u for u in updates]
+    # a DTensor (FSDP2) is recognised by its full_tensor(), so that importing train.py does not import DTensor
+    sharded = [hasattr(u, "full_tensor") for u in updates]
+    full = [u.full_tensor() if is_shard else u for u, is_shard in zip(updates, sharded)]
     blocks = [matrix.reshape(k, matrix.size(0) // k, matrix.size(1)) for matrix, k in zip(full, ns_split)]
     by_shape = {}
     for i, block in enumerate(blocks):
         by_shape.setdefault((ns_steps[i], min(block.shape[1:]), max(block.shape[1:])), []).append(i)
-    results = [None] * len(updates)
-    for (ns, _, _), indices in by_shape.items():
+
+    def cost(item):  # a batch's Newton-Schulz FLOPs, up to a constant: count x rows^2 x cols
+        (_, rows, cols), indices = item
+        return len(indices) * rows * rows * cols
+
+    # every batch is started before any is awaited, so a batch's all-gather travels while the next one
+    # computes; the costliest go first, and the all-gather left to wait for at the end is the cheapest's
+    started = []
+    for (ns, _, _), indices in sorted(by_shape.items(), key=cost, reverse=True):
         wide = torch.cat([blocks[i] if blocks[i].size(1) <= blocks[i].size(2) else blocks[i].mT for i in indices])
-        ortho = split_across_ranks(wide, lambda batch: zeropower_via_newtonschulz(batch, ns))
-        for i, result in zip(indices, ortho.split([ns_split[i] for i in indices])):
+        started.append((indices, split_across_ranks(wide, lambda batch: zeropower_via_newtonschulz(batch, ns))))
+    results = [None] * len(updates)
+    for indices, gathered in started:
+        for i, result in zip(indices, gathered().split([ns_split[i] for i in indices])):
             rows, cols = blocks[i].shape[1:]
             result = (result if rows <= cols else result.mT) * max(1.0, rows / cols) ** 0.5
             update, result = updates[i], result.reshape(full[i].shape).to(updates[i].dtype)
-            if isinstance(update, DTensor):
+            if sharded[i]:
+                from torch.distributed.tensor import distribute_tensor
+
                 result = distribute_tensor(result, update.device_mesh, update.placements, src_data_rank=None)
             results[i] = result
     return results
@@ -169,17 +197,24 @@ def split_across_ranks(batch: torch.Tensor, fn):
     """fn(batch) for a function batched over dim 0, each rank of the process group computing a share.
 
     The batch is zero-padded to a multiple of the world size, rank r computes rows [r*k, (r+1)*k), and
-    an all-gather assembles the whole result on every rank. Without a process group: fn(batch).
+    an all-gather assembles the whole result on every rank. It returns without waiting for that all-gather:
+    call the returned function for the result. Without a process group: fn(batch), returned the same way.
     """
     if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return fn(batch)
+        whole = fn(batch)
+        return lambda: whole
     world, rank = tdist.get_world_size(), tdist.get_rank()
     share = -(-batch.size(0) // world)
     padded = torch.cat([batch, batch.new_zeros(share * world - batch.size(0), *batch.shape[1:])])
     mine = fn(padded[rank * share : (rank + 1) * share]).contiguous()
     gathered = mine.new_empty(share * world, *mine.shape[1:])
-    ALL_GATHER_SINGLE(gathered, mine)
-    return gathered[: batch.size(0)]
+    work = ALL_GATHER_SINGLE(gathered, mine, async_op=True)
+
+    def wait():
+        work.wait()
+        return gathered[: batch.size(0)]
+
+    return wait
 
 
 class Muon(torch.optim.Optimizer):
