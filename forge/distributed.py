@@ -33,6 +33,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from forge.errors import UserError, is_rank_zero, register_error_translator
@@ -492,14 +499,9 @@ def destroy() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoint state: full, unsharded, CPU, keyed by parameter name; the same for every setup.
-# torch.distributed.checkpoint is imported where it is used: with DTensor it takes ~0.6 s to import, which the
-# CPU launcher would pay before it forks its workers (they load it in parallel, or when they save).
 
-
-def _state_dict_options(save: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=save)
+_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_LOAD = StateDictOptions(full_state_dict=True)
 
 
 def full_model_state_dict(model: nn.Module) -> dict:
@@ -507,10 +509,8 @@ def full_model_state_dict(model: nn.Module) -> dict:
 
     In a process group, rank 0 receives the tensors and the other ranks an empty dict (only rank 0 saves).
     """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     with _collective_errors("gathering the model state"):
-        return get_model_state_dict(unwrap(model), options=_state_dict_options(save=True))
+        return get_model_state_dict(unwrap(model), options=_SAVE)
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -518,18 +518,14 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
 
     {'state': {name: {...}}, 'param_groups': [{..., 'params': [names]}]}; rank 0 only in a group.
     """
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     with _collective_errors("gathering the optimizer state"):
-        return get_optimizer_state_dict(unwrap(model), optimizer, options=_state_dict_options(save=True))
+        return get_optimizer_state_dict(unwrap(model), optimizer, options=_SAVE)
 
 
 def load_full_model_state_dict(model: nn.Module, state_dict: dict) -> None:
     """Load a full state dict (every rank passes the whole dict; FSDP keeps only its shards)."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
     with _collective_errors("loading the model state"):
-        set_model_state_dict(unwrap(model), state_dict, options=_state_dict_options(save=False))
+        set_model_state_dict(unwrap(model), state_dict, options=_LOAD)
 
 
 def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
@@ -541,10 +537,8 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
         state_dict = _cloned(state_dict)
     # torch initialises an empty optimizer's state with a zero-lr step, which it skips if gradients exist.
     optimizer.zero_grad(set_to_none=True)
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
     with _collective_errors("loading the optimizer state"):
-        set_optimizer_state_dict(model, optimizer, state_dict, options=_state_dict_options(save=False))
+        set_optimizer_state_dict(model, optimizer, state_dict, options=_LOAD)
 
 
 def _name_keyed_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:

@@ -11,6 +11,7 @@ train.py and the checkpoint code see one optimizer whatever the choice.
 """
 import torch
 import torch.distributed as tdist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from forge.errors import UserError
 
@@ -161,9 +162,7 @@ def orthogonalized_updates(updates: list, ns_steps: list, ns_split: list) -> lis
     elementwise) and this rank's shard of its result returned with the same placements (uneven shards
     included).
     """
-    # a DTensor (FSDP2) is recognised by its full_tensor(), so that importing train.py does not import DTensor
-    sharded = [hasattr(u, "full_tensor") for u in updates]
-    full = [u.full_tensor() if is_shard else u for u, is_shard in zip(updates, sharded)]
+    full = [u.full_tensor() if isinstance(u, DTensor) else u for u in updates]
     blocks = [matrix.reshape(k, matrix.size(0) // k, matrix.size(1)) for matrix, k in zip(full, ns_split)]
     by_shape = {}
     for i, block in enumerate(blocks):
@@ -185,9 +184,7 @@ def orthogonalized_updates(updates: list, ns_steps: list, ns_split: list) -> lis
             rows, cols = blocks[i].shape[1:]
             result = (result if rows <= cols else result.mT) * max(1.0, rows / cols) ** 0.5
             update, result = updates[i], result.reshape(full[i].shape).to(updates[i].dtype)
-            if sharded[i]:
-                from torch.distributed.tensor import distribute_tensor
-
+            if isinstance(update, DTensor):
                 result = distribute_tensor(result, update.device_mesh, update.placements, src_data_rank=None)
             results[i] = result
     return results

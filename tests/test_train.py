@@ -186,23 +186,6 @@ def test_evaluations_can_skip_the_start_and_the_train_split(tmp_path, tiny_char_
     assert re.findall(r"^step (\d+):", capsys.readouterr().out, re.M) == ["12"]  # not 8, where it resumed
 
 
-def test_importing_train_leaves_distributed_checkpoint_and_dtensor_unloaded():
-    """The CPU launcher imports train.py before it forks its workers, one per core: torch.distributed.checkpoint
-    and DTensor (~0.6 s to import) load later, in parallel in the workers (torch.optim's dynamo import pulls in
-    DTensor) or when a checkpoint is written, not in that serial start."""
-    probe = ("import sys, torch, train\n"
-             "from forge.distributed import full_model_state_dict\n"
-             "from model import GPT, GPTConfig\n"
-             "loaded = lambda: sorted({m for m in sys.modules if m in ('torch.distributed.checkpoint', "
-             "'torch.distributed.tensor')})\n"
-             "print(loaded())\n"
-             "full_model_state_dict(GPT(GPTConfig(block_size=8, vocab_size=13, n_layer=1, n_head=2, n_embd=8)))\n"
-             "print(loaded())")
-    before, after = run_py("-c", probe, env=ONE_THREAD, check=True).stdout.splitlines()
-    assert before == "[]"
-    assert after == "['torch.distributed.checkpoint', 'torch.distributed.tensor']"
-
-
 def test_wandb_offline_writes_files_and_resume_keeps_the_run(tmp_path, tiny_char_data, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "out"
